@@ -1,0 +1,217 @@
+"""The `ravenp2p` command line.
+
+Exit codes: 0 success; 1 the operation failed; 2 bad usage or invalid
+configuration; 3 no running node could be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ravenp2p import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("RAVENP2P_DATA_DIR")
+    return Path(env) if env else Path.home() / ".ravenp2p"
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", type=Path, default=default_data_dir(),
+        help="node directory with its key and state "
+        "(default: $RAVENP2P_DATA_DIR or ~/.ravenp2p)",
+    )
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ravenp2p",
+        description="Decentralized deep-learning training on contributors' spare compute.",
+    )
+    parser.add_argument("--version", action="version", version=f"ravenp2p {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    node = commands.add_parser("node", help="run a node: join the network and lend compute")
+    _add_data_dir(node)
+    node.add_argument(
+        "--listen", action="append", metavar="MULTIADDR",
+        help="address to listen on, e.g. /ip4/0.0.0.0/tcp/47001 (repeatable; "
+        "default /ip4/127.0.0.1/tcp/0)",
+    )
+    node.add_argument(
+        "--bootstrap", action="append", default=[], metavar="MULTIADDR",
+        help="a peer to join through, ending in /p2p/<peer id> (repeatable)",
+    )
+    node.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                      help="device to lend (default cpu)")
+    node.add_argument("--share", type=int, default=0, metavar="PERCENT",
+                      help="percent of the device to lend, 0-100 (default 0: compute nothing)")
+    node.add_argument("--i-consent", dest="consent", action="store_true",
+                      help="allow this node to run calculations for others")
+    node.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    node.add_argument("--log-json", action="store_true", help="write logs as JSON lines")
+
+    keys = commands.add_parser("keys", help="create or show the node key (peer id and address)")
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    for name, text in (("new", "create a new node key"), ("show", "print the peer id and address")):
+        sub = key_commands.add_parser(name, help=text)
+        _add_data_dir(sub)
+        _add_json(sub)
+
+    peers = commands.add_parser("peers", help="list the peers a running node knows")
+    _add_data_dir(peers)
+    _add_json(peers)
+    peers.add_argument("--find", metavar="PEER_ID", help="look one peer up through the DHT instead")
+
+    devnet = commands.add_parser("devnet", help="run a local network of nodes on this machine")
+    devnet.add_argument("--nodes", type=int, default=5, help="number of nodes (default 5)")
+    devnet.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    _add_json(devnet)
+    return parser
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from ravenp2p.identity import create_identity, key_path, load_identity
+
+    if args.keys_command == "new":
+        identity = create_identity(args.data_dir)
+    else:
+        identity = load_identity(args.data_dir)
+    info = {"peer_id": identity.peer_id, "address": identity.address,
+            "key_file": str(key_path(args.data_dir))}
+    if args.json:
+        _print_json(info)
+    else:
+        for label, key in (("peer id ", "peer_id"), ("address ", "address"),
+                           ("key file", "key_file")):
+            print(f"{label} {info[key]}")
+    return EXIT_OK
+
+
+def _node(args: argparse.Namespace) -> int:
+    from ravenp2p.log import configure_logging
+    from ravenp2p.node.config import NodeConfig
+    from ravenp2p.node.daemon import run_daemon
+
+    config = NodeConfig(
+        data_dir=args.data_dir,
+        listen=tuple(args.listen or ("/ip4/127.0.0.1/tcp/0",)),
+        bootstrap=tuple(args.bootstrap),
+        device=args.device,
+        share=args.share,
+        consent=args.consent,
+    )
+    configure_logging(args.log_level, json_format=args.log_json)
+    trio.run(run_daemon, config)
+    return EXIT_OK
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from ravenp2p.node.control import control_request
+
+    if args.find:
+        result = trio.run(control_request, args.data_dir, {"op": "find_peer", "peer_id": args.find},
+                          15.0)
+        if args.json:
+            _print_json(result)
+        elif result is None:
+            print(f"{args.find} was not found in the DHT")
+        else:
+            print(f"{result['peer_id']}\n  " + "\n  ".join(result["addrs"]))
+        return EXIT_OK if result is not None else EXIT_FAILED
+    rows = trio.run(control_request, args.data_dir, {"op": "peers"})
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("This node knows no peers yet.")
+        return EXIT_OK
+    print(f"{'peer id':<54} {'address':<43} {'device':<6} {'share':>5}  connected")
+    for row in rows:
+        share = "-" if row["share"] is None else f"{row['share']}%"
+        print(f"{row['peer_id']:<54} {row['address'] or '-':<43} {row['device'] or '-':<6} "
+              f"{share:>5}  {'yes' if row['connected'] else 'no'}")
+    return EXIT_OK
+
+
+def _devnet(args: argparse.Namespace) -> int:
+    from ravenp2p.devnet import run_devnet
+    from ravenp2p.log import configure_logging
+
+    configure_logging("warning" if args.json else "info")
+    report = trio.run(run_devnet, args.nodes, args.timeout)
+    if args.json:
+        _print_json(report.to_json())
+        return EXIT_OK
+    print(f"\n{len(report.nodes)} nodes discovered each other in "
+          f"{report.seconds_to_discover:.2f} s; {report.dht_lookups_found}/{report.dht_lookups} "
+          "DHT lookups verified a signed record.")
+    print(f"{'peer id':<54} {'address':<43} {'knows':>5} {'links':>5}")
+    for row in report.nodes:
+        print(f"{row['peer_id']:<54} {row['address']:<43} {row['peers_known']:>5} "
+              f"{row['peers_connected']:>5}")
+    return EXIT_OK if report.dht_lookups_found == report.dht_lookups else EXIT_FAILED
+
+
+_COMMANDS = {"keys": _keys, "node": _node, "peers": _peers, "devnet": _devnet}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ravenp2p` console script."""
+    from ravenp2p.devnet import DevnetError
+    from ravenp2p.identity import IdentityError
+    from ravenp2p.node.config import ConfigError
+    from ravenp2p.node.control import ControlError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except (ConfigError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"ravenp2p: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ControlError as exc:
+        if args.debug:
+            raise
+        print(f"ravenp2p: error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (IdentityError, DevnetError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"ravenp2p: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        if args.debug:
+            raise
+        logging.getLogger("ravenp2p").debug("unexpected error", exc_info=True)
+        print(f"ravenp2p: error: {type(exc).__name__}: {exc} (use --debug for details)",
+              file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

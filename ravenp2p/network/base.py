@@ -1,0 +1,184 @@
+"""The `Network` interface the roles are written against, and the types it speaks.
+
+Two implementations exist: `Libp2pNetwork` (real py-libp2p hosts) and
+`MemoryNetwork` (in-process, with modelled links, for unit tests and the
+simulator). Roles never import either directly; they receive a `Network`.
+
+Payloads are opaque bytes at this layer. Signing, schemas and replay protection
+live in `ravenp2p.wire`; reliable delivery lives in `ravenp2p.topics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class NetworkError(Exception):
+    """A network operation failed (peer unreachable, stream reset, timeout, ...)."""
+
+
+class PeerUnreachable(NetworkError):
+    """No connection to the peer could be made."""
+
+
+class ProtocolNotSupported(NetworkError):
+    """The remote peer does not speak the requested protocol id."""
+
+
+class RequestFailed(NetworkError):
+    """A request/response exchange failed: the handler raised, or the reply was too large."""
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """A peer and the multiaddrs it can be reached at."""
+
+    peer_id: str
+    addrs: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class TopicMessage:
+    """One message received on a pubsub topic.
+
+    `source` is the original publisher as the transport reports it; `via` is the
+    neighbour that handed it to us. Neither is authenticated at the envelope
+    level: use `ravenp2p.wire` for that.
+    """
+
+    topic: str
+    data: bytes
+    source: str
+    via: str
+
+
+@runtime_checkable
+class Stream(Protocol):
+    """A bidirectional byte stream to one peer."""
+
+    @property
+    def remote_peer(self) -> str: ...
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Return up to `max_bytes`; b"" means the remote closed its side."""
+        ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def close(self) -> None:
+        """Close our writing side; reading may continue until the remote closes."""
+        ...
+
+    async def reset(self) -> None:
+        """Abort the stream in both directions."""
+        ...
+
+
+RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
+"""`handler(remote_peer_id, request_bytes) -> response_bytes`."""
+
+StreamHandler = Callable[[Stream], Awaitable[None]]
+"""`handler(stream)`: owns the stream until it returns; the stream is closed afterwards."""
+
+RecordValidator = Callable[[str, bytes], None]
+"""`validator(key, value)`: raise `ValueError` naming the problem when a DHT record is invalid."""
+
+
+@runtime_checkable
+class Subscription(Protocol):
+    """Messages arriving on a topic, as an async iterator. Closing it unsubscribes."""
+
+    topic: str
+
+    def __aiter__(self) -> AsyncIterator[TopicMessage]: ...
+
+    async def __anext__(self) -> TopicMessage: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Network(Protocol):
+    """What a node needs from the network, independent of how it is carried.
+
+    An implementation is started by entering it as an async context manager
+    (`async with network:`) and stopped by leaving it; leaving disconnects every
+    peer first so the other side does not keep a stale link.
+    """
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs, including `/p2p/<peer id>`, that other peers can dial."""
+        ...
+
+    async def __aenter__(self) -> Network: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+    # --- connections -------------------------------------------------------
+    async def connect(self, addr: str, timeout: float = 10.0) -> str:
+        """Dial a multiaddr ending in `/p2p/<peer id>`; returns the peer id."""
+        ...
+
+    async def disconnect(self, peer_id: str) -> None: ...
+
+    def connected_peers(self) -> list[str]: ...
+
+    def known_peers(self) -> list[PeerInfo]:
+        """Every peer this node knows an address for (connected or not)."""
+        ...
+
+    # --- pubsub ------------------------------------------------------------
+    async def subscribe(self, topic: str) -> Subscription: ...
+
+    async def publish(self, topic: str, data: bytes) -> None: ...
+
+    def topic_peers(self, topic: str) -> list[str]:
+        """Connected peers known to be subscribed to `topic`."""
+        ...
+
+    # --- request / response ------------------------------------------------
+    def set_request_handler(self, protocol: str, handler: RequestHandler) -> None: ...
+
+    async def request(
+        self, peer_id: str, protocol: str, data: bytes, timeout: float = 10.0
+    ) -> bytes: ...
+
+    # --- streams -----------------------------------------------------------
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None: ...
+
+    async def open_stream(self, peer_id: str, protocol: str, timeout: float = 10.0) -> Stream: ...
+
+    async def open_bulk_stream(
+        self, peer_id: str, protocol: str, timeout: float = 10.0
+    ) -> Stream:
+        """A stream tuned for moving many megabytes (weights, shards, gradients).
+
+        Same semantics and the same handlers as `open_stream`; an implementation
+        may carry it on a dedicated encrypted connection with larger frames.
+        """
+        ...
+
+    # --- DHT ---------------------------------------------------------------
+    def set_record_validator(self, namespace: str, validator: RecordValidator) -> None:
+        """Accept DHT records under `/namespace/...` only when `validator` passes them."""
+        ...
+
+    async def put_value(self, key: str, value: bytes, timeout: float = 10.0) -> None:
+        """Store a record under `key` (a `/namespace/...` path) on the closest peers."""
+        ...
+
+    async def get_value(self, key: str, timeout: float = 10.0) -> bytes | None: ...
+
+    async def provide(self, key: str, timeout: float = 10.0) -> None:
+        """Announce that this node can serve the content named `key`."""
+        ...
+
+    async def find_providers(self, key: str, timeout: float = 10.0) -> list[PeerInfo]: ...
+
+    async def find_peer(self, peer_id: str, timeout: float = 10.0) -> PeerInfo | None: ...

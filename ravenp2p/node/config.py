@@ -1,0 +1,61 @@
+"""Settings of a `ravenp2p node`, validated with errors that name the setting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import multiaddr
+
+from ravenp2p.wire import WireLimits
+
+
+class ConfigError(ValueError):
+    """A node setting is invalid; the message names the setting and the reason."""
+
+
+def check_multiaddr(setting: str, value: str, *, need_peer_id: bool = False) -> str:
+    """Parse a multiaddr, raising `ConfigError` naming `setting` when it is malformed."""
+    try:
+        parsed = multiaddr.Multiaddr(value)
+    except Exception as exc:  # the multiaddr package raises several error types
+        raise ConfigError(f"{setting}: {value!r} is not a valid multiaddr ({exc})") from None
+    protocols = [p.name for p in parsed.protocols()]
+    if not {"ip4", "ip6", "dns", "dns4", "dns6"} & set(protocols) or "tcp" not in protocols:
+        raise ConfigError(f"{setting}: {value!r} must name an IP address and a TCP port")
+    if need_peer_id and "p2p" not in protocols:
+        raise ConfigError(f"{setting}: {value!r} must end with /p2p/<peer id>")
+    return value
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to start; built from CLI flags or a config file."""
+
+    data_dir: Path
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    device: str = "cpu"
+    share: int = 0
+    """Percent of the device lent to the network (0: join, but compute nothing)."""
+    consent: bool = False
+    announce_interval_s: float = 20.0
+    peer_expiry_s: float = 90.0
+    join_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 4.5
+    control: bool = True
+    limits: WireLimits = field(default_factory=WireLimits)
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("listen: at least one address is needed")
+        for addr in self.listen:
+            check_multiaddr("listen", addr)
+        for addr in self.bootstrap:
+            check_multiaddr("bootstrap", addr, need_peer_id=True)
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device: must be 'cpu' or 'cuda', not {self.device!r}")
+        if not 0 <= self.share <= 100:
+            raise ConfigError(f"share: must be a percentage between 0 and 100, not {self.share}")
+        if self.announce_interval_s <= 0 or self.peer_expiry_s <= self.announce_interval_s:
+            raise ConfigError("peer_expiry_s: must be longer than announce_interval_s")

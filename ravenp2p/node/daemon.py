@@ -1,0 +1,41 @@
+"""`ravenp2p node`: run one node on real py-libp2p until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from ravenp2p.identity import load_or_create_identity
+from ravenp2p.network.libp2p import Libp2pNetwork
+from ravenp2p.node.config import NodeConfig
+from ravenp2p.node.node import Node
+
+log = logging.getLogger("ravenp2p.node")
+
+
+async def _stop_on_signal(node: Node, scope: trio.CancelScope, timeout: float) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not node.stopping:
+                log.info("Received %s: stopping (at most %.0f s)", signal.Signals(signum).name,
+                         timeout)
+                node.stop()
+                scope.deadline = min(scope.deadline, trio.current_time() + timeout)
+            else:
+                log.warning("Second signal: stopping now")
+                scope.cancel()
+
+
+async def run_daemon(config: NodeConfig) -> None:
+    """Load or create the node key, start the node, and stop it cleanly on a signal."""
+    identity, created = load_or_create_identity(config.data_dir)
+    if created:
+        log.info("Created a new node key in %s", config.data_dir)
+    network = Libp2pNetwork(identity, config.listen)
+    node = Node(network, identity, config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, node, nursery.cancel_scope, config.shutdown_timeout_s)
+        await node.run()
+        nursery.cancel_scope.cancel()
