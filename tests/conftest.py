@@ -1,0 +1,5 @@
+import sys
+from pathlib import Path
+
+# Shared test helpers live in tests/helpers.py.
+sys.path.insert(0, str(Path(__file__).parent))
