@@ -261,7 +261,7 @@ class Node:
         return rows
 
     async def wait_for_peers(self, count: int) -> None:
-        """Return once the directory holds at least `count` other peers (bound it with a timeout)."""
+        """Return once the directory holds `count` other peers; bound it with a timeout."""
         while len(self.directory) < count:
             await self._directory_changed.wait()
 
