@@ -31,6 +31,10 @@ class RequestFailed(NetworkError):
     """A request/response exchange failed: the handler raised, or the reply was too large."""
 
 
+class RequestTooLarge(RequestFailed, ValueError):
+    """A request or response exceeds the size limit; the message names the limit."""
+
+
 @dataclass(frozen=True)
 class PeerInfo:
     """A peer and the multiaddrs it can be reached at."""

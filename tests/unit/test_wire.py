@@ -1,5 +1,6 @@
 """The envelope refuses every kind of bad input with a reason naming the field."""
 
+import contextlib
 from dataclasses import dataclass
 
 import msgpack
@@ -136,7 +137,8 @@ def test_replayed_nonce():
 
 def test_replay_cache_forgets_only_after_the_age_window():
     clock = [NOW]
-    receiver = EnvelopeCodec(BOB, WireLimits(max_age_s=60, max_future_skew_s=5), now=lambda: clock[0])
+    limits = WireLimits(max_age_s=60, max_future_skew_s=5)
+    receiver = EnvelopeCodec(BOB, limits, now=lambda: clock[0])
     raw = forge()
     receiver.open(raw)
     clock[0] += 50
@@ -180,7 +182,9 @@ def test_capability_record_validation():
     with pytest.raises(WireError, match=r"body\.share: must be <= 100"):
         capability(share=150).validate()
     with pytest.raises(WireError, match=r"body\.device: must be one of"):
-        CapabilityRecord(address=ALICE.address, device="tpu", share=1, version="1", addrs=()).validate()
+        CapabilityRecord(
+            address=ALICE.address, device="tpu", share=1, version="1", addrs=()
+        ).validate()
     with pytest.raises(WireError, match=r"body\.address: does not match"):
         CapabilityRecord(address="0x12", device="cpu", share=1, version="1", addrs=()).validate()
 
@@ -195,10 +199,8 @@ def test_nothing_is_remembered_from_a_forged_message():
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2048))
 def test_random_bytes_only_ever_raise_wire_error(data):
-    try:
+    with contextlib.suppress(WireError):
         codec().open(data)
-    except WireError:
-        pass
 
 
 @settings(max_examples=200, deadline=None)
