@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import trio
+
 
 class NetworkError(Exception):
     """A network operation failed (peer unreachable, stream reset, timeout, ...)."""
@@ -101,6 +103,50 @@ class Subscription(Protocol):
     async def __anext__(self) -> TopicMessage: ...
 
     async def aclose(self) -> None: ...
+
+
+class QueuedSubscription:
+    """A `Subscription` fed by its network through a bounded in-process queue.
+
+    Implementations call `offer` for each arriving message and implement
+    `aclose` (unsubscribe, then `_close_queue`).
+    """
+
+    def __init__(self, topic: str, buffer: int) -> None:
+        self.topic = topic
+        self._send, self._receive = trio.open_memory_channel[TopicMessage](buffer)
+        self._closed = False
+
+    def __aiter__(self) -> QueuedSubscription:
+        return self
+
+    async def __anext__(self) -> TopicMessage:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    def offer(self, message: TopicMessage) -> bool:
+        """Queue `message`; False when the subscriber is too far behind and it was dropped."""
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return True
+
+    def _close_queue(self) -> bool:
+        """Close the queue once; False if it was already closed."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._send.close()
+        self._receive.close()
+        return True
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
 
 
 @runtime_checkable

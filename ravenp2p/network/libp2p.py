@@ -46,7 +46,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,6 +82,7 @@ from ravenp2p.network.base import (
     PeerInfo,
     PeerUnreachable,
     ProtocolNotSupported,
+    QueuedSubscription,
     RecordValidator,
     RequestFailed,
     RequestHandler,
@@ -339,46 +340,22 @@ class _RavenPubsub(Pubsub):
             self.deliver(publish_message, _FORWARDER.get())
 
 
-class Libp2pSubscription:
+class Libp2pSubscription(QueuedSubscription):
     """Messages on one topic; `aclose()` unsubscribes (the last local one leaves the topic)."""
 
-    def __init__(
-        self,
-        network: Libp2pNetwork,
-        topic: str,
-        receive: trio.MemoryReceiveChannel[TopicMessage],
-        send: trio.MemorySendChannel[TopicMessage],
-    ) -> None:
-        self.topic = topic
+    def __init__(self, network: Libp2pNetwork, topic: str, buffer: int) -> None:
+        super().__init__(topic, buffer)
         self._network = network
-        self._receive = receive
-        self._send = send
-        self._closed = False
-
-    def __aiter__(self) -> AsyncIterator[TopicMessage]:
-        return self
-
-    async def __anext__(self) -> TopicMessage:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
         if self._closed:
             return
-        self._closed = True
         await self._network._unsubscribe(self)
-        self._send.close()
-        self._receive.close()
+        self._close_queue()
 
     def _offer(self, message: TopicMessage) -> None:
-        try:
-            self._send.send_nowait(message)
-        except trio.WouldBlock:
+        if not self.offer(message):
             logger.warning("dropping a message on %s: subscriber is not keeping up", self.topic)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 # --- DHT validators -----------------------------------------------------------
@@ -919,8 +896,7 @@ class Libp2pNetwork:
         self._require_running()
         pubsub = self._pubsub
         assert pubsub is not None
-        send, receive = trio.open_memory_channel[TopicMessage](self.config.subscription_buffer)
-        sub = Libp2pSubscription(self, topic, receive, send)
+        sub = Libp2pSubscription(self, topic, self.config.subscription_buffer)
         subs = self._subscriptions.setdefault(topic, [])
         subs.append(sub)
         if len(subs) == 1:

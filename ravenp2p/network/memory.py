@@ -59,6 +59,7 @@ from ravenp2p.network.base import (
     PeerInfo,
     PeerUnreachable,
     ProtocolNotSupported,
+    QueuedSubscription,
     RecordValidator,
     RequestFailed,
     RequestHandler,
@@ -577,43 +578,24 @@ class MemoryStream:
         pipe.notify()
 
 
-class MemorySubscription:
+class MemorySubscription(QueuedSubscription):
     """Messages on one topic at one node (implements `Subscription`)."""
 
     def __init__(self, net: MemoryNetwork, topic: str) -> None:
-        self.topic = topic
+        super().__init__(topic, SUBSCRIPTION_BUFFER)
         self._net = net
-        self._send, self._recv = trio.open_memory_channel[TopicMessage](SUBSCRIPTION_BUFFER)
-        self._closed = False
 
     def _offer(self, message: TopicMessage) -> None:
-        try:
-            self._send.send_nowait(message)
-        except trio.WouldBlock:
+        if not self.offer(message):
             self._net._hub.stats.pubsub_dropped_slow_subscriber += 1
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-
-    def __aiter__(self) -> MemorySubscription:
-        return self
-
-    async def __anext__(self) -> TopicMessage:
-        try:
-            return await self._recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
         """Unsubscribe; iteration ends."""
         self._close()
 
     def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._net._unsubscribe(self)
-        self._send.close()
-        self._recv.close()
+        if self._close_queue():
+            self._net._unsubscribe(self)
 
 
 class MemoryNetwork:

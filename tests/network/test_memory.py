@@ -61,7 +61,7 @@ def drain(sub: MemorySubscription) -> list[bytes]:
     out = []
     while True:
         try:
-            out.append(sub._recv.receive_nowait().data)
+            out.append(sub._receive.receive_nowait().data)
         except trio.WouldBlock:
             return out
 
