@@ -176,6 +176,12 @@ def _devnet(args: argparse.Namespace) -> int:
 _COMMANDS = {"keys": _keys, "node": _node, "peers": _peers, "devnet": _devnet}
 
 
+def _single_cause(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ravenp2p` console script."""
     from ravenp2p.devnet import DevnetError
@@ -186,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        try:
+            return _COMMANDS[args.command](args)
+        except BaseExceptionGroup as group:
+            # A failure inside a trio nursery arrives wrapped; report the one cause.
+            cause = _single_cause(group)
+            if cause is group:
+                raise
+            raise cause from group
     except KeyboardInterrupt:
         return EXIT_FAILED
     except (ConfigError, ValueError) as exc:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import multiaddr
 
+from ravenp2p.node.control import check_socket_path
 from ravenp2p.wire import WireLimits
 
 
@@ -59,3 +60,8 @@ class NodeConfig:
             raise ConfigError(f"share: must be a percentage between 0 and 100, not {self.share}")
         if self.announce_interval_s <= 0 or self.peer_expiry_s <= self.announce_interval_s:
             raise ConfigError("peer_expiry_s: must be longer than announce_interval_s")
+        if self.control:
+            try:
+                check_socket_path(self.data_dir)
+            except ValueError as exc:
+                raise ConfigError(f"data_dir: {exc}") from None

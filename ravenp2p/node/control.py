@@ -38,9 +38,11 @@ def socket_path(data_dir: Path) -> Path:
     return Path(data_dir) / SOCKET_NAME
 
 
-def _check_path_length(path: Path) -> None:
+def check_socket_path(data_dir: Path) -> None:
+    """Raise `ValueError` when the control socket path would be too long for a Unix socket."""
+    path = socket_path(data_dir)
     if len(os.fsencode(path)) > _UNIX_PATH_MAX:
-        raise ControlError(
+        raise ValueError(
             f"control socket path {path} is longer than {_UNIX_PATH_MAX} bytes; "
             "use a shorter --data-dir"
         )
@@ -59,8 +61,8 @@ async def serve_control(
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer control requests on `<data_dir>/control.sock` until cancelled."""
+    check_socket_path(data_dir)
     path = socket_path(data_dir)
-    _check_path_length(path)
     if path.exists() or path.is_symlink():
         path.unlink()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -120,8 +122,8 @@ async def control_request(
     data_dir: Path, request: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S
 ) -> Any:
     """Send one request to the daemon running on `data_dir` and return its result."""
+    check_socket_path(data_dir)
     path = socket_path(data_dir)
-    _check_path_length(path)
     if not path.exists():
         raise ControlError(f"no node is running with data dir {data_dir} (no {path})")
     try:

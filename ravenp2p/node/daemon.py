@@ -8,18 +8,23 @@ import signal
 import trio
 
 from ravenp2p.identity import load_or_create_identity
-from ravenp2p.network.libp2p import Libp2pNetwork
+from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.node import Node
 
 log = logging.getLogger("ravenp2p.node")
+
+# The daemon promises to stop within 5 s of a signal: disconnecting peers and
+# stopping libp2p's services are bounded so that, with the rest of shutdown,
+# they fit inside `NodeConfig.shutdown_timeout_s`.
+DAEMON_NETWORK_CONFIG = Libp2pConfig(disconnect_timeout_s=1.5, stop_timeout_s=2.5)
 
 
 async def _stop_on_signal(node: Node, scope: trio.CancelScope, timeout: float) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if not node.stopping:
-                log.info("Received %s: stopping (at most %.0f s)", signal.Signals(signum).name,
+                log.info("Received %s: stopping (at most %.1f s)", signal.Signals(signum).name,
                          timeout)
                 node.stop()
                 scope.deadline = min(scope.deadline, trio.current_time() + timeout)
@@ -33,7 +38,7 @@ async def run_daemon(config: NodeConfig) -> None:
     identity, created = load_or_create_identity(config.data_dir)
     if created:
         log.info("Created a new node key in %s", config.data_dir)
-    network = Libp2pNetwork(identity, config.listen)
+    network = Libp2pNetwork(identity, config.listen, DAEMON_NETWORK_CONFIG)
     node = Node(network, identity, config)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, node, nursery.cancel_scope, config.shutdown_timeout_s)

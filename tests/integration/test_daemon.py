@@ -78,6 +78,10 @@ def test_bad_node_flags_are_refused_with_the_setting_named(tmp_path):
     result = cli("node", "--data-dir", str(tmp_path), "--bootstrap", "/ip4/127.0.0.1/tcp/1")
     assert result.returncode == 2
     assert "bootstrap" in result.stderr and "/p2p/" in result.stderr
+    result = cli("node", "--data-dir", str(tmp_path / ("d" * 120)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "data_dir" in result.stderr and "shorter --data-dir" in result.stderr
 
 
 def test_daemons_bootstrap_discover_and_stop_cleanly(tmp_path):
