@@ -22,10 +22,8 @@ class _JsonFormatter(logging.Formatter):
 
 
 class _HumanFormatter(logging.Formatter):
-    converter = time.localtime
-
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%H:%M:%S", self.converter(record.created))
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         area = record.name.removeprefix("ravenp2p.") if record.name != "ravenp2p" else "node"
         level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
         text = f"{stamp} {area:<8} {level}{record.getMessage()}"

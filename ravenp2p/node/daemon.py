@@ -20,15 +20,23 @@ log = logging.getLogger("ravenp2p.node")
 DAEMON_NETWORK_CONFIG = Libp2pConfig(disconnect_timeout_s=1.5, stop_timeout_s=2.5)
 
 
+# A signal sent to a whole process group (a shell's `timeout`, some supervisors)
+# can arrive twice at once; only a later one means "stop now".
+REPEAT_SIGNAL_GRACE_S = 1.0
+
+
 async def _stop_on_signal(node: Node, scope: trio.CancelScope, timeout: float) -> None:
+    first_at: float | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            if not node.stopping:
+            now = trio.current_time()
+            if first_at is None:
+                first_at = now
                 log.info("Received %s: stopping (at most %.1f s)", signal.Signals(signum).name,
                          timeout)
                 node.stop()
-                scope.deadline = min(scope.deadline, trio.current_time() + timeout)
-            else:
+                scope.deadline = min(scope.deadline, now + timeout)
+            elif now - first_at > REPEAT_SIGNAL_GRACE_S:
                 log.warning("Second signal: stopping now")
                 scope.cancel()
 

@@ -141,9 +141,10 @@ class Node:
                 nursery.start_soon(self._expire_loop)
                 task_status.started(self)
                 await self._stop.wait()
+                connected = len(self.network.connected_peers())
                 log.info(
-                    "Shutting down: disconnecting from %d peers",
-                    len(self.network.connected_peers()),
+                    "Shutting down: disconnecting from %d peer%s",
+                    connected, "" if connected == 1 else "s",
                 )
                 self._save_peer_cache()
                 nursery.cancel_scope.cancel()
