@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from ravenp2p.identity import IdentityError
     from ravenp2p.node.config import ConfigError
     from ravenp2p.node.control import ControlError
+    from ravenp2p.node.daemon import DataDirBusy
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ravenp2p: error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except (IdentityError, DevnetError, OSError) as exc:
+    except (IdentityError, DevnetError, DataDirBusy, OSError) as exc:
         if args.debug:
             raise
         print(f"ravenp2p: error: {exc}", file=sys.stderr)

@@ -30,7 +30,13 @@ import trio
 from ravenp2p.clock import Clock, SystemClock
 from ravenp2p.network.base import Network, NetworkError, Subscription
 from ravenp2p.wire import Envelope, EnvelopeCodec, Message, WireError
-from ravenp2p.wire.messages import MESSAGE_ID_BYTES, TopicSyncRequest, TopicSyncResponse
+from ravenp2p.wire.messages import (
+    MAX_SYNC_ITEMS,
+    MAX_TOPIC_ITEM_BYTES,
+    MESSAGE_ID_BYTES,
+    TopicSyncRequest,
+    TopicSyncResponse,
+)
 
 SYNC_PROTOCOL = "/ravenp2p/topics-sync/1.0.0"
 
@@ -53,6 +59,10 @@ class TopicConfig:
     """How long a message is held for resync; must stay inside the envelope age window."""
     max_messages_per_topic: int = 50_000
     max_sync_response_bytes: int = 2 * 1024 * 1024
+    max_message_bytes: int = 256 * 1024
+    """Largest envelope a topic carries; bulk data belongs on streams."""
+    max_pulls_per_round: int = 8
+    """Follow-up pulls from one neighbour when its reply says more is waiting."""
     subscriber_buffer: int = 100_000
 
     def __post_init__(self) -> None:
@@ -62,6 +72,12 @@ class TopicConfig:
             raise ValueError("sync_fanout must be at least 1")
         if not 0 < self.max_messages_per_topic <= 65_536:
             raise ValueError("max_messages_per_topic must be between 1 and 65536")
+        if not 1024 <= self.max_message_bytes <= min(MAX_TOPIC_ITEM_BYTES,
+                                                     self.max_sync_response_bytes):
+            raise ValueError(
+                f"max_message_bytes must be between 1024 and {MAX_TOPIC_ITEM_BYTES} "
+                "and fit in max_sync_response_bytes"
+            )
 
 
 @dataclass
@@ -77,8 +93,10 @@ class TopicStats:
 @dataclass
 class _Topic:
     name: str
-    held: OrderedDict[bytes, tuple[float, bytes]] = field(default_factory=OrderedDict)
+    held: OrderedDict[bytes, tuple[float, Envelope]] = field(default_factory=OrderedDict)
+    """Message id -> (expiry, verified envelope), oldest first."""
     subscribers: list[trio.MemorySendChannel[Envelope]] = field(default_factory=list)
+    gossip: Subscription | None = None
     stats: TopicStats = field(default_factory=TopicStats)
 
 
@@ -134,30 +152,39 @@ class ReliableTopics:
         """Receive every message on `topic` from now on (and those still held), once each."""
         if self._nursery is None:
             raise RuntimeError("ReliableTopics.run must be started before subscribing")
-        state = self._topics.get(topic)
+        state = self._topic(topic)
         send, receive = trio.open_memory_channel[Envelope](self.config.subscriber_buffer)
-        if state is None:
-            state = self._topics[topic] = _Topic(topic)
-            subscription = await self.network.subscribe(topic)
-            self._nursery.start_soon(self._read_gossip, state, subscription)
-        for _, raw in state.held.values():
-            send.send_nowait(self.codec.open(raw, context=topic, check_replay=False))
+        if state.gossip is None:
+            state.gossip = await self.network.subscribe(topic)
+            self._nursery.start_soon(self._read_gossip, state, state.gossip)
+        for _, envelope in state.held.values():
+            send.send_nowait(envelope)
         state.subscribers.append(send)
         return receive
 
     async def publish(self, topic: str, message: Message) -> Envelope:
         """Sign `message` for `topic`, hold it for resync, deliver locally and gossip it."""
         raw = self.codec.seal(message, context=topic)
+        if len(raw) > self.config.max_message_bytes:
+            raise WireError(
+                "envelope",
+                f"{len(raw)} bytes exceeds the {self.config.max_message_bytes}-byte topic limit; "
+                "send bulk data over a stream",
+            )
         envelope = self.codec.open(raw, context=topic)
-        state = self._topics.get(topic)
-        if state is None:
-            state = self._topics[topic] = _Topic(topic)
+        state = self._topic(topic)
         self._accept(state, message_id(raw), envelope)
         try:
             await self.network.publish(topic, raw)
         except NetworkError as exc:
             log.info("Gossip of a message on %s failed (%s); neighbours will pull it", topic, exc)
         return envelope
+
+    def _topic(self, topic: str) -> _Topic:
+        state = self._topics.get(topic)
+        if state is None:
+            state = self._topics[topic] = _Topic(topic)
+        return state
 
     def sync_soon(self) -> None:
         """Resync now rather than at the next interval (e.g. right after joining)."""
@@ -182,6 +209,8 @@ class ReliableTopics:
             state.stats.duplicates += 1
             return
         try:
+            if len(raw) > self.config.max_message_bytes:
+                raise WireError("envelope", f"{len(raw)} bytes exceeds the topic limit")
             envelope = self.codec.open(raw, context=state.name)
         except WireError as exc:
             state.stats.rejected += 1
@@ -194,7 +223,7 @@ class ReliableTopics:
 
     def _accept(self, state: _Topic, mid: bytes, envelope: Envelope) -> None:
         expiry = envelope.timestamp_ms / 1000.0 + self.config.retention_s
-        state.held[mid] = (expiry, envelope.raw)
+        state.held[mid] = (expiry, envelope)
         while len(state.held) > self.config.max_messages_per_topic:
             state.held.popitem(last=False)
         state.stats.delivered += 1
@@ -230,6 +259,13 @@ class ReliableTopics:
                         nursery.start_soon(self._pull, state, peer)
 
     async def _pull(self, state: _Topic, peer: str) -> None:
+        """Ask `peer` for what we lack, again while it says more is waiting (bounded)."""
+        for _ in range(self.config.max_pulls_per_round):
+            if not await self._pull_once(state, peer):
+                return
+
+    async def _pull_once(self, state: _Topic, peer: str) -> bool:
+        """One resync exchange; True when the peer has more for us right away."""
         request = self.codec.seal(
             TopicSyncRequest(topic=state.name, have=tuple(state.held)), context=SYNC_PROTOCOL
         )
@@ -240,16 +276,19 @@ class ReliableTopics:
             envelope = self.codec.open(reply, context=SYNC_PROTOCOL, from_peer=peer)
         except (NetworkError, trio.TooSlowError) as exc:
             log.debug("Resync of %s with %s failed: %s", state.name, peer, exc)
-            return
+            return False
         except WireError as exc:
             log.warning("Peer %s sent an invalid resync reply: %s", peer, exc)
-            return
+            return False
         response = envelope.message
         if not isinstance(response, TopicSyncResponse) or response.topic != state.name:
             log.warning("Peer %s answered a resync of %s with something else", peer, state.name)
-            return
-        for raw in response.messages:
+            return False
+        for index, raw in enumerate(response.messages):
             self._ingest(state, raw, via=peer, pulled=True)
+            if index % 64 == 63:  # signature checks are CPU work: let other tasks run
+                await trio.lowlevel.checkpoint()
+        return response.more
 
     def _pull_back(self, state: _Topic, peer: str) -> None:
         """The requester holds messages we lack: pull from it now (push-pull anti-entropy)."""
@@ -280,14 +319,17 @@ class ReliableTopics:
                 self._pull_back(state, peer)
             budget = self.config.max_sync_response_bytes
             now = self.clock.now()
-            for mid, (expiry, raw) in state.held.items():
+            for mid, (expiry, held) in state.held.items():
                 if mid in have or expiry <= now:
                     continue
-                if len(raw) > budget or len(missing) >= 4096:
+                if len(missing) >= MAX_SYNC_ITEMS:
                     more = True
                     break
-                budget -= len(raw)
-                missing.append(raw)
+                if len(held.raw) > budget:  # a later, smaller message may still fit
+                    more = True
+                    continue
+                budget -= len(held.raw)
+                missing.append(held.raw)
         reply = TopicSyncResponse(topic=message.topic, messages=tuple(missing), more=more)
         return self.codec.seal(reply, context=SYNC_PROTOCOL)
 

@@ -42,8 +42,19 @@ class SwarmPeer:
         return self.network.peer_id
 
     def kill(self) -> None:
+        """Stop the peer; its network says goodbye to its neighbours first."""
         self.alive = False
         self.scope.cancel()
+
+    def crash(self) -> None:
+        """Stop without goodbyes, as a killed process does: its sockets just close."""
+
+        async def no_goodbye() -> None:
+            return None
+
+        if hasattr(self.network, "_disconnect_all"):
+            self.network._disconnect_all = no_goodbye  # type: ignore[method-assign]
+        self.kill()
 
     async def listen(self, topic: str) -> None:
         channel = await self.topics.subscribe(topic)

@@ -43,6 +43,7 @@ class NodeConfig:
     announce_interval_s: float = 20.0
     peer_expiry_s: float = 90.0
     join_timeout_s: float = 60.0
+    max_known_peers: int = 10_000
     shutdown_timeout_s: float = 4.5
     control: bool = True
     limits: WireLimits = field(default_factory=WireLimits)

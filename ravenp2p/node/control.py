@@ -23,6 +23,7 @@ import trio
 SOCKET_NAME = "control.sock"
 MAX_LINE_BYTES = 64 * 1024
 REQUEST_TIMEOUT_S = 5.0
+HANDLER_TIMEOUT_S = 30.0
 _UNIX_PATH_MAX = 107
 
 log = logging.getLogger("ravenp2p.control")
@@ -97,11 +98,15 @@ async def _serve_one(stream: trio.SocketStream, handler: ControlHandler) -> None
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 raise ValueError('a request is a JSON object with an "op" string')
-            reply = {"ok": True, "result": await handler(request)}
+            with trio.fail_after(HANDLER_TIMEOUT_S):
+                reply = {"ok": True, "result": await handler(request)}
         except trio.TooSlowError:
-            reply = {"ok": False, "error": "request not received in time"}
+            reply = {"ok": False, "error": "request timed out"}
         except (ValueError, KeyError) as exc:
             reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a control request must never take the node down
+            log.warning("Control request failed: %s: %s", type(exc).__name__, exc)
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         with trio.move_on_after(REQUEST_TIMEOUT_S):
             await stream.send_all(json.dumps(reply).encode() + b"\n")
 

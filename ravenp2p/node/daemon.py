@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import signal
+from collections.abc import Iterator
+from pathlib import Path
 
 import trio
 
@@ -41,8 +46,35 @@ async def _stop_on_signal(node: Node, scope: trio.CancelScope, timeout: float) -
                 scope.cancel()
 
 
+class DataDirBusy(RuntimeError):
+    """Another node is already running on this data dir."""
+
+
+LOCK_FILE_NAME = "node.lock"
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the data dir so two daemons never share one key and socket."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(Path(data_dir) / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataDirBusy(f"another node is already running with data dir {data_dir}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 async def run_daemon(config: NodeConfig) -> None:
     """Load or create the node key, start the node, and stop it cleanly on a signal."""
+    with data_dir_lock(config.data_dir):
+        await _run_locked(config)
+
+
+async def _run_locked(config: NodeConfig) -> None:
     identity, created = load_or_create_identity(config.data_dir)
     if created:
         log.info("Created a new node key in %s", config.data_dir)

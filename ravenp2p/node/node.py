@@ -7,6 +7,7 @@ simulator (on `MemoryNetwork` and a virtual clock).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -90,6 +91,7 @@ class Node:
         self.directory: dict[str, KnownPeer] = {}
         self.joined = trio.Event()
         self._directory_changed = trio.Event()
+        self._reachable: dict[str, str] = {}
         self._stop = trio.Event()
         self._started_at = 0.0
 
@@ -213,10 +215,19 @@ class Node:
 
     def _note_peer(self, peer_id: str, record: CapabilityRecord | None) -> None:
         now = self.clock.now()
+        if record is not None:
+            # A record may only advertise addresses of its own signer.
+            own = tuple(a for a in record.addrs if a.endswith(f"/p2p/{peer_id}"))
+            if own != record.addrs:
+                record = dataclasses.replace(record, addrs=own)
         known = self.directory.get(peer_id)
         if known is None:
+            if len(self.directory) >= self.config.max_known_peers:
+                log.debug("Peer directory full; not recording %s", short(peer_id))
+                return
             known = self.directory[peer_id] = KnownPeer(peer_id, record, now)
             log.info("Discovered peer %s (%s)", short(peer_id), known.describe())
+            self._remember_reachable()
             self._directory_changed.set()
             self._directory_changed = trio.Event()
             return
@@ -229,6 +240,7 @@ class Node:
             await self.clock.sleep(self.config.announce_interval_s)
             now = self.clock.now()
             connected = set(self.network.connected_peers())
+            self._remember_reachable()
             for peer_id, known in list(self.directory.items()):
                 if peer_id in connected:
                     known.last_seen = now
@@ -316,8 +328,23 @@ class Node:
     def _peer_cache_path(self) -> Path:
         return Path(self.config.data_dir) / PEER_CACHE_FILE
 
+    def _remember_reachable(self) -> None:
+        """Note an address of each peer we are connected to: they are known to work."""
+        connected = set(self.network.connected_peers())
+        for info in self.network.known_peers():
+            if info.peer_id in connected and info.addrs:
+                addr = info.addrs[0]
+                self._reachable.pop(info.peer_id, None)
+                self._reachable[info.peer_id] = (
+                    addr if "/p2p/" in addr else f"{addr}/p2p/{info.peer_id}"
+                )
+        while len(self._reachable) > MAX_CACHED_PEERS:
+            del self._reachable[next(iter(self._reachable))]
+
     def _save_peer_cache(self) -> None:
-        addrs = [a for row in self.peers() for a in row["addrs"][:1]][:MAX_CACHED_PEERS]
+        """Write the addresses that worked most recently, for the next start."""
+        self._remember_reachable()
+        addrs = list(reversed(self._reachable.values()))
         path = self._peer_cache_path()
         try:
             tmp = path.with_suffix(".tmp")

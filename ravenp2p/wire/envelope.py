@@ -36,6 +36,7 @@ from ravenp2p.wire.errors import WireError
 from ravenp2p.wire.schema import Message, message_class
 
 SIGNING_DOMAIN = "ravenp2p-envelope"
+_SECP256K1_HALF_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
 NONCE_LENGTH = 16
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
 FIELD_NAMES = {
@@ -61,14 +62,16 @@ class WireLimits:
     max_future_skew_s: float = 30.0
     """Refuse envelopes stamped further than this into the future (clock skew)."""
     replay_cache_entries: int = 1_000_000
+    replay_entries_per_sender: int = 50_000
+    """One sender may have this many messages in the replay window (~150/s sustained)."""
 
     def __post_init__(self) -> None:
         if self.max_envelope_bytes < 1024:
             raise ValueError("max_envelope_bytes must be at least 1024")
         if self.max_age_s <= 0 or self.max_future_skew_s < 0:
             raise ValueError("max_age_s must be positive and max_future_skew_s not negative")
-        if self.replay_cache_entries < 1:
-            raise ValueError("replay_cache_entries must be positive")
+        if self.replay_cache_entries < 1 or self.replay_entries_per_sender < 1:
+            raise ValueError("replay_cache_entries and replay_entries_per_sender must be positive")
 
 
 @dataclass(frozen=True)
@@ -95,12 +98,18 @@ def _signing_digest(version: int, type_: str, context: str, sender: str, ts: int
 
 
 class ReplayCache:
-    """Remembers (sender, nonce) pairs until their timestamps can no longer pass the window."""
+    """Remembers (sender, nonce) pairs until their timestamps can no longer pass the window.
 
-    def __init__(self, ttl_s: float, max_entries: int) -> None:
+    Each sender has a quota of entries, so one chatty or hostile peer exhausts
+    its own allowance rather than the node's.
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int, max_per_sender: int) -> None:
         self._ttl = ttl_s
         self._max = max_entries
+        self._max_per_sender = max_per_sender
         self._entries: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._per_sender: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,9 +119,15 @@ class ReplayCache:
         key = (sender, nonce)
         if key in self._entries:
             raise WireError("nonce", "replayed: this (sender, nonce) was already accepted")
+        held = self._per_sender.get(sender, 0)
+        if held >= self._max_per_sender:
+            raise WireError(
+                "sender", f"more than {self._max_per_sender} messages in {self._ttl:.0f} s"
+            )
         if len(self._entries) >= self._max:
-            raise WireError("nonce", "replay cache is full; try again shortly")
+            raise WireError("envelope", "replay cache is full; try again shortly")
         self._entries[key] = now + self._ttl
+        self._per_sender[sender] = held + 1
 
     def _expire(self, now: float) -> None:
         entries = self._entries
@@ -121,6 +136,12 @@ class ReplayCache:
             if expiry > now:
                 break
             del entries[key]
+            sender = key[0]
+            left = self._per_sender[sender] - 1
+            if left:
+                self._per_sender[sender] = left
+            else:
+                del self._per_sender[sender]
 
 
 class EnvelopeCodec:
@@ -143,7 +164,9 @@ class EnvelopeCodec:
         self._now = now
         self._peer_id = identity.peer_id
         self.replay_cache = ReplayCache(
-            self.limits.max_age_s + self.limits.max_future_skew_s, self.limits.replay_cache_entries
+            self.limits.max_age_s + self.limits.max_future_skew_s,
+            self.limits.replay_cache_entries,
+            self.limits.replay_entries_per_sender,
         )
 
     def seal(self, message: Message, context: str) -> bytes:
@@ -155,18 +178,9 @@ class EnvelopeCodec:
         digest = _signing_digest(
             PROTOCOL_VERSION, message.TYPE, context, self._peer_id, ts, nonce, body
         )
-        raw = msgpack.packb(
-            {
-                "v": PROTOCOL_VERSION,
-                "t": message.TYPE,
-                "c": context,
-                "s": self._peer_id,
-                "ts": ts,
-                "n": nonce,
-                "b": body,
-                "sig": self.identity.sign_digest(digest),
-            },
-            use_bin_type=True,
+        raw = _pack_envelope(
+            PROTOCOL_VERSION, message.TYPE, context, self._peer_id, ts, nonce, body,
+            self.identity.sign_digest(digest),
         )
         if len(raw) > self.limits.max_envelope_bytes:
             raise WireError(
@@ -252,11 +266,20 @@ class EnvelopeCodec:
             raise WireError("signature", f"not a valid signature ({exc})") from None
         if signer != sender_key:
             raise WireError("signature", "signature does not match the sender's key")
+        if int.from_bytes(signature[32:64], "big") > _SECP256K1_HALF_ORDER:
+            raise WireError("signature", "high-S form is not accepted (use the low-S twin)")
+        # One signed message has exactly one valid byte string, so a relay cannot
+        # mint look-alike copies (message ids are hashes of these bytes).
+        canonical = _pack_envelope(
+            version, type_, msg_context, sender, ts, nonce, body_bytes, signature
+        )
+        if canonical != raw:
+            raise WireError("envelope", "not in canonical encoding")
 
-        if check_replay:
-            self.replay_cache.check_and_add(sender, nonce, now)
         body = _unpack(body_bytes, limits.max_envelope_bytes, field_name="body")
         message = cls.from_body(body)
+        if check_replay:
+            self.replay_cache.check_and_add(sender, nonce, now)
         return Envelope(
             message=message,
             sender=sender,
@@ -266,6 +289,17 @@ class EnvelopeCodec:
             version=version,
             raw=raw,
         )
+
+
+def _pack_envelope(version: int, type_: str, context: str, sender: str, ts: int,
+                   nonce: bytes, body: bytes, signature: bytes) -> bytes:
+    """The one canonical encoding: keys in this order, minimal msgpack forms."""
+    packed: bytes = msgpack.packb(
+        {"v": version, "t": type_, "c": context, "s": sender, "ts": ts, "n": nonce, "b": body,
+         "sig": signature},
+        use_bin_type=True,
+    )
+    return packed
 
 
 def _unpack(data: bytes, limit: int, field_name: str = "envelope") -> Any:

@@ -9,6 +9,8 @@ from ravenp2p.wire.schema import Message, constrained, register
 PEER_ID_PATTERN = r"[1-9A-HJ-NP-Za-km-z]{32,64}"
 ADDRESS_PATTERN = r"0x[0-9a-fA-F]{40}"
 MESSAGE_ID_BYTES = 16
+MAX_SYNC_ITEMS = 4096
+MAX_TOPIC_ITEM_BYTES = 1024 * 1024
 
 
 @register
@@ -49,5 +51,7 @@ class TopicSyncResponse(Message):
     TYPE = "topics.sync_response"
 
     topic: str = constrained(min_len=1, max_len=256)
-    messages: tuple[bytes, ...] = constrained(max_len=4096, item_max_len=1024 * 1024)
+    messages: tuple[bytes, ...] = constrained(
+        max_len=MAX_SYNC_ITEMS, item_max_len=MAX_TOPIC_ITEM_BYTES
+    )
     more: bool = constrained(default=False)

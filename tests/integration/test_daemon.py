@@ -132,3 +132,27 @@ def test_daemons_bootstrap_discover_and_stop_cleanly(tmp_path):
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_one_daemon_per_data_dir_and_a_control_socket_that_survives_garbage(tmp_path):
+    data_dir = tmp_path / "n"
+    proc = start_node(data_dir, "/ip4/127.0.0.1/tcp/0", None, tmp_path / "n.log")
+    try:
+        wait_until(lambda: (data_dir / "control.sock").exists(), 30, "the control socket")
+        second = cli("node", "--data-dir", str(data_dir))
+        assert second.returncode == 1
+        assert "already running with data dir" in second.stderr
+        for garbage in (b"[" * 60_000 + b"\n", b"\xff\xfe\n", b'{"op": "nope"}\n', b"{}\n"):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(str(data_dir / "control.sock"))
+                sock.sendall(garbage)
+                reply = json.loads(sock.makefile().readline())
+            assert reply["ok"] is False and reply["error"]
+        assert proc.poll() is None
+        assert peers_of(data_dir) == set()
+        status = cli("peers", "--data-dir", str(data_dir), "--json")
+        assert status.returncode == 0 and json.loads(status.stdout) == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0

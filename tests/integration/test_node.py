@@ -91,7 +91,8 @@ def forge(identity: NodeIdentity, **fields) -> bytes:
 async def test_hostile_input_is_refused_with_reasons_and_the_node_keeps_serving(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ravenp2p")
     async with trio.open_nursery() as nursery:
-        [node] = await start_nodes(nursery, tmp_path, 1)
+        limits = WireLimits(max_envelope_bytes=64 * 1024)
+        [node] = await start_nodes(nursery, tmp_path, 1, limits=limits)
         attacker_identity = NodeIdentity.generate()
         other = NodeIdentity.generate()
         async with Libp2pNetwork(attacker_identity) as attacker:
@@ -105,7 +106,8 @@ async def test_hostile_input_is_refused_with_reasons_and_the_node_keeps_serving(
                 "garbage": (b"\xc1\xc1\xc1garbage", "not valid msgpack"),
                 "wrong signature": (forge(attacker_identity, sig=b"\x01" * 65), "signature"),
                 "sender mismatch": (forge(other), "but sent by"),
-                "oversized": (b"\x00" * huge, "exceeds"),
+                "oversized for the transport": (b"\x00" * huge, "max_request_bytes"),
+                "oversized envelope": (b"\x00" * 100_000, "exceeds the 65536-byte limit"),
                 "unknown type": (forge(attacker_identity, t="no.such"), "unknown message type"),
                 "unsupported version": (forge(attacker_identity, v=2), "unsupported protocol"),
                 "stale timestamp": (forge(attacker_identity, ts=int((time.time() - 3600) * 1000)),

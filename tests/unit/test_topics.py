@@ -7,6 +7,7 @@ from helpers import Note, swarm
 
 from ravenp2p.network.memory import LinkModel, MemoryHub, MemoryNetwork
 from ravenp2p.topics import TopicConfig
+from ravenp2p.wire import CapabilityRecord, WireError
 
 TOPIC = "/test/jobs"
 
@@ -110,3 +111,37 @@ async def test_forged_and_foreign_topic_messages_are_dropped(autojump_clock):
         for p in peers:
             assert seqs(p) == [1]
         assert peers[1].topics.stats(TOPIC).rejected >= 2
+
+
+@pytest.mark.trio
+async def test_publishing_before_subscribing_still_joins_the_gossip(autojump_clock):
+    hub = MemoryHub(LinkModel(latency=0.01), seed=6)
+    config = TopicConfig(sync_interval_s=10_000)  # gossip only: resync would hide the bug
+    async with swarm(lambda i: MemoryNetwork(hub, i), 2, line(2), config) as (a, b):
+        await a.topics.publish(TOPIC, Note(seq=0))
+        await a.listen(TOPIC)
+        await b.listen(TOPIC)
+        await trio.sleep(1)
+        await b.topics.publish(TOPIC, Note(seq=1))
+        await trio.sleep(1)
+        assert sorted(seqs(a)) == [0, 1]
+        assert a.network.topic_peers(TOPIC) == [b.peer_id]
+
+
+@pytest.mark.trio
+async def test_oversized_topic_messages_are_refused_before_anything_is_kept(autojump_clock):
+    hub = MemoryHub(LinkModel(latency=0.01), seed=7)
+    config = TopicConfig(max_message_bytes=2048)
+    async with swarm(lambda i: MemoryNetwork(hub, i), 2, line(2), config) as (a, b):
+        await a.listen(TOPIC)
+        await b.listen(TOPIC)
+        big = CapabilityRecord(
+            address=a.network.identity.address, device="cpu", share=1, version="1",
+            addrs=tuple("/ip4/127.0.0.1/tcp/1/" + "x" * 200 for _ in range(16)),
+        )
+        with pytest.raises(WireError, match="topic limit"):
+            await a.topics.publish(TOPIC, big)
+        assert a.topics.held_ids(TOPIC) == []
+        await a.topics.publish(TOPIC, Note(seq=1))
+        await settle([a, b], 1, timeout=5)
+        assert seqs(b) == [1]

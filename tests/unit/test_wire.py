@@ -211,3 +211,35 @@ def test_any_single_byte_flip_is_refused(data):
     raw[index] ^= data.draw(st.integers(1, 255))
     with pytest.raises(WireError):
         codec().open(bytes(raw), context="peers")
+
+
+SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def test_a_signed_message_has_exactly_one_valid_encoding():
+    raw = codec(ALICE).seal(capability(), "peers")
+    fields = msgpack.unpackb(raw, raw=False)
+    # Same fields, keys in another order: still signed correctly, but refused.
+    reordered = msgpack.packb(dict(reversed(list(fields.items()))), use_bin_type=True)
+    assert reordered != raw
+    refused(reordered, "envelope", "canonical")
+    # The high-S twin of a valid signature recovers the same key; it is refused too.
+    sig = fields["sig"]
+    s = int.from_bytes(sig[32:64], "big")
+    twin = sig[:32] + (SECP256K1_ORDER - s).to_bytes(32, "big") + bytes([sig[64] ^ 1])
+    refused(msgpack.packb({**fields, "sig": twin}, use_bin_type=True), "signature", "high-S")
+    codec().open(raw)
+
+
+def test_each_sender_has_its_own_replay_quota():
+    receiver = codec(replay_entries_per_sender=3)
+    for i in range(3):
+        receiver.open(forge(n=bytes([i]) * 16))
+    refused(forge(n=b"\x09" * 16), "sender", "more than 3 messages", receiver=receiver)
+    receiver.open(forge(identity=BOB, n=b"\x09" * 16))  # others are unaffected
+
+
+def test_an_invalid_body_uses_no_replay_entry():
+    receiver = codec()
+    refused(forge(body={"text": "x", "count": 99}), "body.count", "must be <=", receiver=receiver)
+    assert len(receiver.replay_cache) == 0
