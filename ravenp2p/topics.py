@@ -39,6 +39,7 @@ from ravenp2p.wire.messages import (
 )
 
 SYNC_PROTOCOL = "/ravenp2p/topics-sync/1.0.0"
+VERIFIED_CACHE_ENTRIES = 4096
 
 log = logging.getLogger("ravenp2p.topics")
 
@@ -130,6 +131,7 @@ class ReliableTopics:
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._pulling_back: set[tuple[str, str]] = set()
+        self._verified: OrderedDict[bytes, Envelope] = OrderedDict()
 
     # --- lifecycle -------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -184,6 +186,9 @@ class ReliableTopics:
         state = self._topics.get(topic)
         if state is None:
             state = self._topics[topic] = _Topic(topic)
+            self.network.set_topic_validator(
+                topic, lambda source, raw: self._check_gossip(state, source, raw)
+            )
         return state
 
     def sync_soon(self) -> None:
@@ -203,19 +208,42 @@ class ReliableTopics:
         async for item in subscription:
             self._ingest(state, item.data, via=item.via, pulled=False)
 
+    def _verify(self, state: _Topic, raw: bytes) -> Envelope:
+        """Everything but the replay check: size, encoding, signature, freshness, schema."""
+        if len(raw) > self.config.max_message_bytes:
+            raise WireError("envelope", f"{len(raw)} bytes exceeds the topic limit")
+        return self.codec.open(raw, context=state.name, check_replay=False)
+
+    def _reject(self, state: _Topic, via: str, exc: WireError) -> None:
+        state.stats.rejected += 1
+        level = logging.DEBUG if exc.field in ("nonce", "timestamp") else logging.WARNING
+        log.log(level, "Dropped a message on %s relayed by %s: %s", state.name, via, exc)
+
+    def _check_gossip(self, state: _Topic, source: str, raw: bytes) -> bool:
+        """Relay decision: only valid envelopes are delivered here and forwarded onwards."""
+        mid = message_id(raw)
+        if mid in state.held or mid in self._verified:
+            return True
+        try:
+            envelope = self._verify(state, raw)
+        except WireError as exc:
+            self._reject(state, source, exc)
+            return False
+        self._verified[mid] = envelope  # taken by `_ingest`, so it is verified once
+        while len(self._verified) > VERIFIED_CACHE_ENTRIES:
+            self._verified.popitem(last=False)
+        return True
+
     def _ingest(self, state: _Topic, raw: bytes, *, via: str, pulled: bool) -> None:
         mid = message_id(raw)
         if mid in state.held:
             state.stats.duplicates += 1
             return
         try:
-            if len(raw) > self.config.max_message_bytes:
-                raise WireError("envelope", f"{len(raw)} bytes exceeds the topic limit")
-            envelope = self.codec.open(raw, context=state.name)
+            envelope = self._verified.pop(mid, None) or self._verify(state, raw)
+            self.codec.check_replay(envelope)
         except WireError as exc:
-            state.stats.rejected += 1
-            level = logging.DEBUG if exc.field in ("nonce", "timestamp") else logging.WARNING
-            log.log(level, "Dropped a message on %s relayed by %s: %s", state.name, via, exc)
+            self._reject(state, via, exc)
             return
         if pulled:
             state.stats.pulled += 1

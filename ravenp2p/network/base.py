@@ -91,6 +91,9 @@ StreamHandler = Callable[[Stream], Awaitable[None]]
 RecordValidator = Callable[[str, bytes], None]
 """`validator(key, value)`: raise `ValueError` naming the problem when a DHT record is invalid."""
 
+TopicValidator = Callable[[str, bytes], bool]
+"""`validator(source_peer_id, data) -> bool`: False (or an exception) drops a pubsub message."""
+
 
 @runtime_checkable
 class Subscription(Protocol):
@@ -190,6 +193,27 @@ class Network(Protocol):
 
     def topic_peers(self, topic: str) -> list[str]:
         """Connected peers known to be subscribed to `topic`."""
+        ...
+
+    def set_topic_validator(self, topic: str, validator: TopicValidator) -> None:
+        """Check every message on `topic` before it is delivered locally or forwarded.
+
+        `validator(source_peer_id, data)` runs before a message is delivered
+        locally or forwarded; False drops it (not delivered, not relayed). An
+        exception raised by the validator counts as False (and is logged at
+        debug level); it never reaches the network's own tasks. Any result other
+        than True (e.g. a forgotten `return`, None) also drops the message.
+        `source_peer_id` is the original publisher as the transport reports it
+        (the `TopicMessage.source`), not authenticated at the envelope level.
+
+        It runs on every node the message reaches, once per message (a
+        duplicate is dropped before validation, or gets the cached verdict),
+        and on messages this node publishes itself: a rejected own message is
+        dropped silently, like any other. It must be cheap and synchronous: it
+        runs inline on the receive path, and a slow validator stalls the topic.
+        A later call for the same topic replaces the validator. It may be set
+        before or after the network is started.
+        """
         ...
 
     # --- request / response ------------------------------------------------

@@ -39,8 +39,14 @@ Security notes:
   that only holders of the derived key can produce (key confirmation both ways).
 - Tickets are random 128-bit values, single use (removed on first presentation,
   right or wrong HELLO), expire after `ticket_ttl` seconds, and at most
-  `max_pending` are outstanding. A stolen ticket without the keys only lets an
-  attacker burn it (denial of service), never read or inject data.
+  `max_pending` are outstanding, at most `max_pending_per_peer` of them for one
+  peer. A stolen ticket without the keys only lets an attacker burn it (denial
+  of service), never read or inject data.
+- The TCP port is open to anyone, so connections that have not presented a
+  ticket yet are capped (`max_unticketed`; excess ones are closed at once) and
+  must send their ticket within `ticket_read_timeout` seconds. Accept errors
+  (EMFILE, ENFILE, ...) are logged and retried after a short pause: they never
+  stop `serve`. A stream's 1 MiB frame buffers are allocated on first use.
 - Truncation: each direction ends with an authenticated CLOSE frame. A TCP EOF
   without it raises `BulkTruncatedError`; a bad tag raises `BulkIntegrityError`.
   Both are never silently turned into b"".
@@ -70,6 +76,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import logging
 import os
 import socket as stdlib_socket
 import struct
@@ -96,6 +103,8 @@ TICKET_LEN = 16
 KEY_LEN = 32
 MAX_PROTOCOL_LEN = 512
 MAX_FRAMES = 1 << 48
+ACCEPT_BACKOFF_MIN = 0.1  # seconds to pause after a failed accept (as trio.serve_listeners)
+ACCEPT_BACKOFF_MAX = 1.0  # ... doubling while accept keeps failing
 
 T_DATA = 0
 T_CLOSE = 1
@@ -108,6 +117,8 @@ _ST_REFUSED = 2
 
 _RAW = serialization.Encoding.Raw
 _RAW_PUB = serialization.PublicFormat.Raw
+
+logger = logging.getLogger("ravenp2p.network.bulk")
 
 
 class BulkError(NetworkError):
@@ -207,16 +218,18 @@ class BulkStream:
         self._owner = owner
         self._write_lock = trio.Lock()
         self._read_lock = trio.Lock()
-        self._send_buf = bytearray(HEADER_LEN + MAX_FRAME + TAG_LEN)
+        # Frame buffers start small (HELLO/CLOSE frames carry no payload) and are
+        # replaced by full-size ones the first time a DATA frame needs them.
+        self._send_buf = bytearray(HEADER_LEN + TAG_LEN)
         self._send_view = memoryview(self._send_buf)
         # receive state: header, then ciphertext, then decrypted plaintext
         self._hdr = bytearray(HEADER_LEN)
         self._hdr_have = 0
-        self._ct = bytearray(MAX_FRAME + TAG_LEN)
+        self._ct = bytearray(TAG_LEN)
         self._ct_view = memoryview(self._ct)
         self._ct_need = -1  # -1: reading the header
         self._ct_have = 0
-        self._pt = bytearray(MAX_FRAME)
+        self._pt = bytearray(0)
         self._pt_view = memoryview(self._pt)
         self._pt_pos = 0
         self._pt_end = 0
@@ -238,6 +251,9 @@ class BulkStream:
             raise BulkError("frame counter exhausted; open a new bulk stream")
         n = len(payload)
         total = HEADER_LEN + n + TAG_LEN
+        if total > len(self._send_buf):  # first DATA frame: allocate the full-size buffer
+            self._send_buf = bytearray(HEADER_LEN + MAX_FRAME + TAG_LEN)
+            self._send_view = memoryview(self._send_buf)
         HEADER.pack_into(self._send_buf, 0, ftype, n + TAG_LEN)
         header = bytes(self._send_view[:HEADER_LEN])
         self._send_aead.encrypt_into(
@@ -280,6 +296,9 @@ class BulkStream:
                     raise BulkIntegrityError(
                         f"malformed bulk frame header (type {ftype}, length {ct_len})"
                     )
+                if ct_len > len(self._ct):  # first DATA frame: allocate full-size buffers
+                    self._ct = bytearray(MAX_FRAME + TAG_LEN)
+                    self._ct_view = memoryview(self._ct)
                 self._ct_need = ct_len
                 self._ct_have = 0
         need = self._ct_need
@@ -293,6 +312,9 @@ class BulkStream:
         n = need - TAG_LEN
         self._hdr_have = 0
         self._ct_need = -1
+        if n > len(self._pt):  # only when all earlier plaintext has been consumed
+            self._pt = bytearray(MAX_FRAME)
+            self._pt_view = memoryview(self._pt)
         try:
             self._recv_aead.decrypt_into(
                 _nonce(self._recv_ctr), self._ct_view[:need], header, self._pt_view[:n]
@@ -461,16 +483,26 @@ class BulkEndpoint:
         handshake_timeout: float = 10.0,
         ticket_ttl: float = 10.0,
         max_pending: int = 256,
+        max_pending_per_peer: int = 16,
+        max_unticketed: int = 64,
+        ticket_read_timeout: float = 2.0,
     ) -> None:
+        if min(max_pending, max_pending_per_peer, max_unticketed) < 1:
+            raise ValueError("max_pending, max_pending_per_peer and max_unticketed must be >= 1")
         self.local_peer_id = local_peer_id
         self.host_ip = host_ip
         self.advertise_ip = advertise_ip or host_ip
         self.handshake_timeout = handshake_timeout
         self.ticket_ttl = ticket_ttl
         self.max_pending = max_pending
+        self.max_pending_per_peer = max_pending_per_peer
+        self.max_unticketed = max_unticketed
+        self.ticket_read_timeout = ticket_read_timeout
         self.port: int | None = None
         self._pending: dict[bytes, _Pending] = {}
         self._streams: set[BulkStream] = set()
+        # Connections accepted that have not presented a ticket yet.
+        self._unticketed = trio.Semaphore(max_unticketed)
 
     # --- responder -----------------------------------------------------------
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -493,16 +525,51 @@ class BulkEndpoint:
             await listener.aclose()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept until cancelled; accept errors (EMFILE, ENFILE, ...) pause, never stop it."""
+        backoff = ACCEPT_BACKOFF_MIN
+        failing = False
         while True:
-            conn = await listener.accept()
+            try:
+                conn = await listener.accept()
+            except OSError as exc:
+                # Out of file descriptors or kernel memory: what trio.serve_listeners
+                # does (log, sleep, retry), with a capped doubling pause.
+                log = logger.debug if failing else logger.warning
+                log("bulk listener: accept failed (%s); retrying in %.1f s", exc, backoff)
+                failing = True
+                await trio.sleep(backoff)
+                backoff = min(2 * backoff, ACCEPT_BACKOFF_MAX)
+                continue
+            if failing:
+                logger.info("bulk listener: accepting again")
+            failing, backoff = False, ACCEPT_BACKOFF_MIN
+            try:
+                self._unticketed.acquire_nowait()
+            except trio.WouldBlock:
+                await _abort(conn)  # too many connections still owe their ticket
+                continue
             nursery.start_soon(self._on_tcp, conn)
+
+    async def _read_ticket(self, conn: trio.SocketStream) -> bytes | None:
+        """The ticket a new connection presents, or None when it is too slow or closes.
+
+        Holds one of the `max_unticketed` slots (taken by `_accept_loop`) until it returns.
+        """
+        try:
+            with trio.move_on_after(self.ticket_read_timeout):
+                return await _receive_exactly(conn, TICKET_LEN)
+            return None
+        finally:
+            self._unticketed.release()
 
     async def _on_tcp(self, conn: trio.SocketStream) -> None:
         """Check a connection's ticket and HELLO, then hand it to the waiting `accept`."""
         handed_off = False
         try:
+            ticket = await self._read_ticket(conn)
+            if ticket is None:
+                return
             with trio.move_on_after(self.handshake_timeout):
-                ticket = await _receive_exactly(conn, TICKET_LEN)
                 pending = self._pending.pop(ticket, None)  # single use, right or wrong
                 if pending is None or pending.expires < trio.current_time():
                     return
@@ -573,6 +640,12 @@ class BulkEndpoint:
         if len(self._pending) >= self.max_pending:
             await _send_refusal(hs_stream, _ST_REFUSED, "too many pending bulk handshakes")
             raise BulkHandshakeError("too many pending bulk handshakes")
+        peer = hs_stream.remote_peer
+        quota = self.max_pending_per_peer
+        if sum(p.remote_peer == peer for p in self._pending.values()) >= quota:
+            reason = f"too many pending bulk handshakes from this peer (max {quota})"
+            await _send_refusal(hs_stream, _ST_REFUSED, reason)
+            raise BulkHandshakeError(f"{peer}: {reason}")
         private = X25519PrivateKey.generate()
         own_eph = private.public_key().public_bytes(_RAW, _RAW_PUB)
         try:

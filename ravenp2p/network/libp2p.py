@@ -90,8 +90,9 @@ from ravenp2p.network.base import (
     Stream,
     StreamHandler,
     TopicMessage,
+    TopicValidator,
 )
-from ravenp2p.network.bulk import BULK_PROTOCOL, BulkEndpoint, BulkHandshakeError
+from ravenp2p.network.bulk import BULK_PROTOCOL, BulkEndpoint
 
 # --- pitfall 1: the 250 ms happy-eyeballs delay on every dial -----------------
 _swarm_module._HAPPY_EYEBALLS_DELAY = 0.0
@@ -147,6 +148,11 @@ class Libp2pConfig:
     Connection manager: above `max_connections` open connections, the least
     recently used peers with no open streams (and not connected within
     `connection_grace_s`) are disconnected, checked every `prune_interval_s`.
+
+    Inbound requests: a handler running longer than `request_handler_timeout_s`
+    is cancelled and the caller gets an error reply naming the timeout; a peer
+    with `max_inbound_requests_per_peer` requests in progress here gets an
+    error reply at once for any further one.
     """
 
     max_connections: int = 64
@@ -154,6 +160,8 @@ class Libp2pConfig:
     prune_interval_s: float = 1.0
     max_request_bytes: int = 4 * MiB
     max_response_bytes: int = 4 * MiB
+    request_handler_timeout_s: float = 30.0
+    max_inbound_requests_per_peer: int = 32
     pubsub: Literal["floodsub", "gossipsub"] = "floodsub"
     gossip_degree: int = 6
     gossip_degree_low: int = 4
@@ -176,6 +184,10 @@ class Libp2pConfig:
             raise ValueError("max_connections must be at least 1")
         if self.max_request_bytes < 1 or self.max_response_bytes < 1:
             raise ValueError("max_request_bytes and max_response_bytes must be positive")
+        if not self.request_handler_timeout_s > 0:
+            raise ValueError("request_handler_timeout_s must be positive")
+        if self.max_inbound_requests_per_peer < 1:
+            raise ValueError("max_inbound_requests_per_peer must be at least 1")
         if self.pubsub not in ("floodsub", "gossipsub"):
             raise ValueError(f"pubsub must be 'floodsub' or 'gossipsub', not {self.pubsub!r}")
 
@@ -256,6 +268,12 @@ class Libp2pStream:
             await self._close_write()
         with contextlib.suppress(Exception):
             await self._stream.close()
+
+
+async def _release_shielded(stream: Libp2pStream, timeout: float = 1.0) -> None:
+    """`stream._release()`, bounded by `timeout` and shielded from cancellation."""
+    with trio.move_on_after(timeout, shield=True):
+        await stream._release()
 
 
 async def _read_exactly(stream: Libp2pStream, n: int) -> bytes:
@@ -340,6 +358,22 @@ class _RavenPubsub(Pubsub):
             self.deliver(publish_message, _FORWARDER.get())
 
 
+def _run_topic_validator(
+    topic: str, validator: TopicValidator, msg: rpc_pb2.Message, forwarder: ID
+) -> bool:
+    """`validator(source, data)`, where an exception or a non-True result means "drop"."""
+    try:
+        source = str(ID(msg.from_id))
+        accepted = validator(source, msg.data) is True
+    except Exception as exc:
+        # Logged at debug only: a remote peer can trigger this at will.
+        logger.debug("topic validator for %s raised %r: message dropped", topic, exc)
+        return False
+    if not accepted:
+        logger.debug("topic validator for %s rejected a message via %s", topic, forwarder)
+    return accepted
+
+
 class Libp2pSubscription(QueuedSubscription):
     """Messages on one topic; `aclose()` unsubscribes (the last local one leaves the topic)."""
 
@@ -362,8 +396,9 @@ class Libp2pSubscription(QueuedSubscription):
 
 
 class _CallbackValidator(Validator):
-    def __init__(self, namespace: str, fn: RecordValidator) -> None:
-        self._namespace = namespace
+    """A py-libp2p DHT record validator that calls our `RecordValidator`."""
+
+    def __init__(self, fn: RecordValidator) -> None:
         self._fn = fn
 
     def validate(self, key: str, value: bytes) -> None:
@@ -527,7 +562,9 @@ class Libp2pNetwork:
         self._running = False
         self._validators: dict[str, RecordValidator] = {}
         self._request_handlers: dict[str, RequestHandler] = {}
+        self._inbound_requests: dict[str, int] = {}  # peer id -> requests being served
         self._stream_handlers: dict[str, StreamHandler] = {}
+        self._topic_validators: dict[str, TopicValidator] = {}
         self._subscriptions: dict[str, list[Libp2pSubscription]] = {}
         self._last_used: dict[str, float] = {}
         self._connected_at: dict[str, float] = {}
@@ -600,7 +637,7 @@ class Libp2pNetwork:
         _patch_lookups(self._dht)
         _bounded_maintenance(self._dht, cfg.dht_refresh_interval_s, cfg.dht_refresh_budget_s)
         for namespace, fn in self._validators.items():
-            self._dht.register_validator(namespace, _CallbackValidator(namespace, fn))
+            self._dht.register_validator(namespace, _CallbackValidator(fn))
         if cfg.pubsub == "gossipsub":
             self._router = GossipSub(
                 protocols=[GOSSIPSUB_PROTOCOL_ID],
@@ -619,6 +656,8 @@ class Libp2pNetwork:
             host, self._router, cache_size=4096, seen_ttl=cfg.pubsub_seen_ttl_s
         )
         self._pubsub.deliver = self._deliver
+        for topic in self._topic_validators:
+            self._install_topic_validator(topic)
         network.register_notifee(_Notifee(self))
         for protocol in self._request_handlers:
             self._install_request_handler(protocol)
@@ -933,6 +972,32 @@ class Libp2pNetwork:
         except trio.TooSlowError as exc:
             raise NetworkError(f"publishing on {topic} timed out") from exc
 
+    def set_topic_validator(self, topic: str, validator: TopicValidator) -> None:
+        """Check messages on `topic` before delivery and relaying (see `Network`).
+
+        Installed as a synchronous py-libp2p topic validator: Pubsub runs it in
+        `push_msg` after the signature check and before marking the message
+        seen, delivering it or handing it to the router, for received and for
+        our own published messages; py-libp2p caches the verdict per message id.
+        """
+        if not topic:
+            raise ValueError("topic must be a non-empty string")
+        self._topic_validators[topic] = validator
+        if self._pubsub is not None:
+            self._install_topic_validator(topic)
+
+    def _install_topic_validator(self, topic: str) -> None:
+        pubsub = self._pubsub
+        assert pubsub is not None
+
+        def check(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            validator = self._topic_validators.get(topic)
+            if validator is None:
+                return True
+            return _run_topic_validator(topic, validator, msg, forwarder)
+
+        pubsub.set_topic_validator(topic, check, False)
+
     def topic_peers(self, topic: str) -> list[str]:
         """Connected peers known to be subscribed to `topic`."""
         if self._pubsub is None:
@@ -959,7 +1024,50 @@ class Libp2pNetwork:
     async def _serve_request(self, protocol: str, raw: INetStream) -> None:
         remote = str(raw.muxed_conn.peer_id)
         stream = Libp2pStream(raw, remote)
+        cap = self.config.max_inbound_requests_per_peer
+        active = self._inbound_requests.get(remote, 0)
+        if active >= cap:
+            await self._refuse_request(stream, remote, protocol, cap)
+            return
+        self._inbound_requests[remote] = active + 1
+        try:
+            await self._serve_admitted_request(protocol, remote, stream)
+        finally:
+            left = self._inbound_requests.get(remote, 1) - 1
+            if left > 0:
+                self._inbound_requests[remote] = left
+            else:
+                self._inbound_requests.pop(remote, None)
+
+    async def _refuse_request(
+        self, stream: Libp2pStream, remote: str, protocol: str, cap: int
+    ) -> None:
+        """Answer at once that `remote` has too many requests in progress here.
+
+        The request is then read and discarded (bounded in size and time), so a
+        caller still writing a large request is not stuck behind a full window.
+        """
+        logger.debug("refusing a request on %s from %s: %d in progress", protocol, remote, cap)
+        message = (
+            f"too many concurrent requests from this peer (max_inbound_requests_per_peer={cap})"
+        )
+        try:
+            await self._send_response(stream, _STATUS_ERROR, message.encode())
+            budget = _LEN.size + self.config.max_request_bytes
+            with trio.move_on_after(self.config.dial_timeout_s):
+                while budget > 0 and (chunk := await stream.read(min(budget, 1 << 16))):
+                    budget -= len(chunk)
+        except NetworkError:
+            pass
+        finally:
+            await stream._release()
+
+    async def _serve_admitted_request(
+        self, protocol: str, remote: str, stream: Libp2pStream
+    ) -> None:
+        """Read one request, run its handler (bounded by `request_handler_timeout_s`), reply."""
         limit = self.config.max_request_bytes
+        handler_timeout = self.config.request_handler_timeout_s
         try:
             with trio.fail_after(self.config.dial_timeout_s):
                 (length,) = _LEN.unpack(await _read_exactly(stream, _LEN.size))
@@ -976,12 +1084,21 @@ class Libp2pNetwork:
             if handler is None:
                 await self._send_response(stream, _STATUS_ERROR, b"no handler")
                 return
-            try:
-                response = await handler(remote, request)
-            except Exception as exc:
-                logger.warning("request handler for %s raised %r", protocol, exc)
-                message = f"handler raised {type(exc).__name__}: {exc}"
-                await self._send_response(stream, _STATUS_ERROR, message.encode())
+            response: object = None
+            error: str | None = None
+            with trio.move_on_after(handler_timeout) as handler_scope:
+                try:
+                    response = await handler(remote, request)
+                except Exception as exc:
+                    logger.warning("request handler for %s raised %r", protocol, exc)
+                    error = f"handler raised {type(exc).__name__}: {exc}"
+            if handler_scope.cancelled_caught:
+                logger.warning(
+                    "request handler for %s timed out after %g s", protocol, handler_timeout
+                )
+                error = f"handler for {protocol} timed out after {handler_timeout:g} s"
+            if error is not None:
+                await self._send_response(stream, _STATUS_ERROR, error.encode())
                 return
             if not isinstance(response, bytes | bytearray | memoryview):
                 message = f"handler returned {type(response).__name__}, not bytes"
@@ -1034,12 +1151,14 @@ class Libp2pNetwork:
         except trio.TooSlowError as exc:
             await stream.reset()
             raise RequestFailed(f"request to {peer_id} on {protocol} timed out") from exc
+        except RequestFailed:
+            # Before the NetworkError clause (RequestFailed is one): a too-large or
+            # malformed reply keeps its type, e.g. RequestTooLarge.
+            await stream.reset()
+            raise
         except (EOFError, NetworkError) as exc:
             await stream.reset()
             raise RequestFailed(f"request to {peer_id} on {protocol} failed: {exc}") from exc
-        except RequestFailed:
-            await stream.reset()
-            raise
         finally:
             await stream._release()
         if status != _STATUS_OK:
@@ -1108,8 +1227,15 @@ class Libp2pNetwork:
         try:
             with trio.fail_after(timeout):
                 handshake = await self.open_stream(peer_id, BULK_PROTOCOL, timeout)
-                remote = handshake.raw.get_remote_address()
-                return await self._bulk.open(handshake, protocol, remote[0] if remote else None)
+                try:
+                    remote = handshake.raw.get_remote_address()
+                    remote_ip = remote[0] if remote else None
+                    return await self._bulk.open(handshake, protocol, remote_ip)
+                finally:
+                    # `_bulk.open` only half-closes the handshake stream; fully close
+                    # it, or it stays in the connection's stream set and the link
+                    # counts as in use forever (see `_open_streams`).
+                    await _release_shielded(handshake)
         except trio.TooSlowError as exc:
             raise PeerUnreachable(f"opening a bulk stream to {peer_id} timed out") from exc
 
@@ -1121,9 +1247,11 @@ class Libp2pNetwork:
             protocol, stream = await self._bulk.accept(
                 handshake, lambda p: p in self._stream_handlers
             )
-        except BulkHandshakeError as exc:
+        except NetworkError as exc:  # BulkHandshakeError, or the handshake stream broke
             logger.info("refused a bulk stream from %s: %s", remote, exc)
             return
+        finally:
+            await _release_shielded(handshake)  # done with it before the transfer starts
         try:
             await self._stream_handlers[protocol](stream)
         except Exception as exc:
@@ -1140,7 +1268,7 @@ class Libp2pNetwork:
             raise ValueError(f"a namespace is one path segment, got {namespace!r}")
         self._validators[namespace] = validator
         if self._dht is not None:
-            self._dht.register_validator(namespace, _CallbackValidator(namespace, validator))
+            self._dht.register_validator(namespace, _CallbackValidator(validator))
 
     def _check_key(self, key: str) -> None:
         parts = key.split("/")

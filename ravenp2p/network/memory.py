@@ -42,6 +42,7 @@ import bisect
 import hashlib
 import heapq
 import itertools
+import logging
 import math
 import random
 import weakref
@@ -66,12 +67,15 @@ from ravenp2p.network.base import (
     RequestTooLarge,
     StreamHandler,
     TopicMessage,
+    TopicValidator,
 )
 
 __all__ = [
     "DEFAULT_DHT_K",
     "DEFAULT_MAX_REQUEST_SIZE",
+    "MAX_INBOUND_REQUESTS_PER_PEER",
     "MAX_PUBSUB_DATA",
+    "REQUEST_HANDLER_TIMEOUT",
     "HubStats",
     "LinkModel",
     "MemoryHub",
@@ -100,6 +104,12 @@ A bitmap, so it costs about 1 KiB per node however many messages pass."""
 SUBSCRIPTION_BUFFER = 1024
 """Messages buffered per subscription; further ones are dropped (a slow subscriber)."""
 MEMORY_SCHEME = "memory"
+REQUEST_HANDLER_TIMEOUT = 30.0
+"""Seconds a request handler may run before it is cancelled (the libp2p adapter's default)."""
+MAX_INBOUND_REQUESTS_PER_PEER = 32
+"""Requests one peer may have in progress at a node; further ones fail at once."""
+
+logger = logging.getLogger("ravenp2p.network")
 
 T = TypeVar("T")
 
@@ -135,6 +145,7 @@ class HubStats:
     pubsub_dropped_partition: int = 0
     pubsub_delivered: int = 0
     pubsub_dropped_slow_subscriber: int = 0
+    pubsub_dropped_invalid: int = 0
     requests: int = 0
     streams: int = 0
 
@@ -605,6 +616,12 @@ class MemoryNetwork:
     in-flight hops). Leaving disconnects every peer, fails its in-flight
     requests and streams with `NetworkError`, and removes it (and the DHT
     records it held) from the hub.
+
+    Inbound requests are limited as in the libp2p adapter: a handler running
+    longer than `request_handler_timeout_s` is cancelled (the caller gets
+    `RequestFailed` naming the timeout), and a caller with
+    `max_inbound_requests_per_peer` requests in progress here gets
+    `RequestFailed` at once for any further one.
     """
 
     def __init__(
@@ -614,7 +631,13 @@ class MemoryNetwork:
         *,
         max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
         stream_window: int = STREAM_WINDOW,
+        request_handler_timeout_s: float = REQUEST_HANDLER_TIMEOUT,
+        max_inbound_requests_per_peer: int = MAX_INBOUND_REQUESTS_PER_PEER,
     ) -> None:
+        if not request_handler_timeout_s > 0:
+            raise ValueError("request_handler_timeout_s must be positive")
+        if max_inbound_requests_per_peer < 1:
+            raise ValueError("max_inbound_requests_per_peer must be at least 1")
         self._hub = hub
         self.identity = identity
         self._peer_id = identity.peer_id
@@ -622,6 +645,8 @@ class MemoryNetwork:
         self._addr = f"/{MEMORY_SCHEME}/{self._index}/p2p/{self._peer_id}"
         self._dist = _sha256_int(self._peer_id)
         self.max_request_size = max_request_size
+        self.request_handler_timeout_s = request_handler_timeout_s
+        self.max_inbound_requests_per_peer = max_inbound_requests_per_peer
         self._stream_window = stream_window
         self._running = False
         self._started = False
@@ -635,8 +660,10 @@ class MemoryNetwork:
         self._seen_bits = 0
         self._seqno = 0
         self._request_handlers: dict[str, RequestHandler] = {}
+        self._inbound_requests: dict[str, int] = {}  # caller -> requests being served
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._validators: dict[str, RecordValidator] = {}
+        self._topic_validators: dict[str, TopicValidator] = {}
         self._records: dict[str, bytes] = {}
         self._providers: dict[str, dict[str, tuple[str, ...]]] = {}
         # Weak: a stream both of whose ends were dropped unclosed is not kept alive.
@@ -853,8 +880,34 @@ class MemoryNetwork:
             next(self._hub._message_ids),
         )
         self._mark_seen(msg.number)
+        if not self._valid(msg):
+            return
         self._deliver_local(TopicMessage(topic, payload, self.peer_id, self.peer_id))
         self._forward(msg, exclude=self.peer_id)
+
+    def set_topic_validator(self, topic: str, validator: TopicValidator) -> None:
+        """Check messages on `topic` at this node before delivery and relaying (see `Network`).
+
+        Runs at each hop after the seen-window check (so once per message and
+        node), before the message reaches local subscribers or is forwarded.
+        """
+        if not topic:
+            raise ValueError("topic must be a non-empty string")
+        self._topic_validators[topic] = validator
+
+    def _valid(self, msg: _Message) -> bool:
+        """Whether this node's validator for `msg.topic` (if any) accepts it."""
+        validator = self._topic_validators.get(msg.topic)
+        if validator is None:
+            return True
+        try:
+            accepted = validator(msg.source, msg.data) is True
+        except Exception as exc:
+            logger.debug("topic validator for %s raised %r: message dropped", msg.topic, exc)
+            accepted = False
+        if not accepted:
+            self._hub.stats.pubsub_dropped_invalid += 1
+        return accepted
 
     def _mark_seen(self, number: int) -> bool:
         """Remember message `number`; False when it was already seen (or is too old)."""
@@ -928,6 +981,8 @@ class MemoryNetwork:
             return
         if msg.topic not in self._subs or not self._mark_seen(msg.number):
             return
+        if not self._valid(msg):
+            return
         self._deliver_local(TopicMessage(msg.topic, msg.data, msg.source, via))
         self._forward(msg, exclude=via)
 
@@ -979,21 +1034,31 @@ class MemoryNetwork:
         response = b""
         error: NetworkError | None = None
         handler = self._request_handlers.get(protocol)
+        cap = self.max_inbound_requests_per_peer
+        active = self._inbound_requests.get(caller, 0)
         if handler is None:
             error = ProtocolNotSupported(f"{self.peer_id} does not support protocol {protocol}")
+        elif active >= cap:  # checked before the size, as in the libp2p adapter
+            error = RequestFailed(
+                f"{self.peer_id} refused {protocol}: too many concurrent requests from this "
+                f"peer (max_inbound_requests_per_peer={cap})"
+            )
         elif len(data) > self.max_request_size:
             error = RequestTooLarge(
                 f"request of {len(data)} bytes exceeds the peer's "
                 f"max_request_bytes={self.max_request_size}"
             )
         else:
+            self._inbound_requests[caller] = active + 1
             try:
-                result = await handler(caller, data)
-            except Exception as exc:
-                error = RequestFailed(
-                    f"handler for {protocol} on {self.peer_id} raised {type(exc).__name__}: {exc}"
-                )
-            else:
+                result, error = await self._run_handler(handler, caller, protocol, data)
+            finally:
+                left = self._inbound_requests.get(caller, 1) - 1
+                if left > 0:
+                    self._inbound_requests[caller] = left
+                else:
+                    self._inbound_requests.pop(caller, None)
+            if error is None:
                 if not isinstance(result, bytes | bytearray | memoryview):
                     error = RequestFailed(
                         f"handler for {protocol} returned {type(result).__name__}, not bytes"
@@ -1017,6 +1082,22 @@ class MemoryNetwork:
             pending.fail(error)
         else:
             pending.resolve(response)
+
+    async def _run_handler(
+        self, handler: RequestHandler, caller: str, protocol: str, data: bytes
+    ) -> tuple[object, NetworkError | None]:
+        """(handler's result, None), or (None, the error to send), bounded in time."""
+        timeout = self.request_handler_timeout_s
+        with trio.move_on_after(timeout):
+            try:
+                return await handler(caller, data), None
+            except Exception as exc:
+                return None, RequestFailed(
+                    f"handler for {protocol} on {self.peer_id} raised {type(exc).__name__}: {exc}"
+                )
+        return None, RequestFailed(
+            f"handler for {protocol} on {self.peer_id} timed out after {timeout:g} s"
+        )
 
     # --- streams ------------------------------------------------------------------------
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:

@@ -277,11 +277,8 @@ class EnvelopeCodec:
             raise WireError("envelope", "not in canonical encoding")
 
         body = _unpack(body_bytes, limits.max_envelope_bytes, field_name="body")
-        message = cls.from_body(body)
-        if check_replay:
-            self.replay_cache.check_and_add(sender, nonce, now)
-        return Envelope(
-            message=message,
+        envelope = Envelope(
+            message=cls.from_body(body),
             sender=sender,
             context=msg_context,
             timestamp_ms=ts,
@@ -289,6 +286,17 @@ class EnvelopeCodec:
             version=version,
             raw=raw,
         )
+        if check_replay:
+            self.check_replay(envelope)
+        return envelope
+
+    def check_replay(self, envelope: Envelope) -> None:
+        """Accept `envelope` once: a second call for the same (sender, nonce) raises `WireError`.
+
+        For envelopes opened with `check_replay=False` (e.g. verified before a
+        relay decision) when they are finally taken in.
+        """
+        self.replay_cache.check_and_add(envelope.sender, envelope.nonce, self._now())
 
 
 def _pack_envelope(version: int, type_: str, context: str, sender: str, ts: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import struct
@@ -428,6 +429,115 @@ async def test_libp2p_network_bulk_streams() -> None:
             with pytest.raises(ProtocolNotSupported):
                 await net_a.open_bulk_stream(net_b.peer_id, "/not/served/1.0.0")
     assert digest["got"] == hashlib.sha256(data).digest()
+
+
+async def test_accept_errors_do_not_stop_serving(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EMFILE/ENFILE from accept() (out of descriptors) pause the listener, never kill it."""
+    real_accept = trio.SocketListener.accept
+    failures = [errno.EMFILE, errno.ENFILE]
+
+    async def flaky_accept(self: trio.SocketListener) -> trio.SocketStream:
+        if failures:
+            await trio.lowlevel.checkpoint()
+            code = failures.pop(0)
+            raise OSError(code, os.strerror(code))
+        return await real_accept(self)
+
+    monkeypatch.setattr(trio.SocketListener, "accept", flaky_accept)
+    with trio.fail_after(10), caplog.at_level("DEBUG", logger="ravenp2p.network.bulk"):
+        async with endpoints() as (dialer, responder):
+            a, b = await bulk_pair(dialer, responder)
+            await a.write(b"still serving")
+            await a.close()
+            assert await read_all(b) == b"still serving"
+            assert not failures
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "accept failed" in warnings[0].getMessage()
+
+
+async def _closed_by_peer(conn: trio.SocketStream, within: float) -> bool:
+    """Whether the remote closes (or resets) `conn` within `within` seconds."""
+    with trio.move_on_after(within):
+        try:
+            return await conn.receive_some(100) == b""
+        except trio.BrokenResourceError:
+            return True
+    return False
+
+
+async def test_connections_without_ticket_are_capped_and_timed_out() -> None:
+    with trio.fail_after(10):
+        async with endpoints(max_unticketed=3, ticket_read_timeout=0.6) as (dialer, responder):
+            assert responder.port is not None
+            port = responder.port
+            idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+            await trio.sleep(0.1)  # all three accepted, each holding a slot
+            try:  # over the cap: closed at once (loopback may even report it to connect)
+                extra = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                pass
+            else:
+                assert await _closed_by_peer(extra, within=0.5), "over the cap: closed at once"
+                await extra.aclose()
+            started = trio.current_time()
+            for conn in idle:  # closed once the ticket timeout has passed
+                assert await _closed_by_peer(conn, within=2.0)
+                await conn.aclose()
+            assert trio.current_time() - started > 0.3
+            a, b = await bulk_pair(dialer, responder)  # the slots are free again
+            await a.write(b"x")
+            await a.close()
+            assert await read_all(b) == b"x"
+
+
+async def _ask_for_ticket(responder: BulkEndpoint, remote: str, nursery: trio.Nursery) -> int:
+    """Send a bulk request from `remote` by hand; return the responder's status byte.
+
+    The `accept` call runs in `nursery` (waiting for a ticket that never comes).
+    """
+    left, right = trio.testing.memory_stream_pair()
+    a_end, b_end = PipeStream(left, PEER_B), PipeStream(right, remote)
+
+    async def accept() -> None:
+        with contextlib.suppress(BulkHandshakeError):
+            await responder.accept(b_end)
+
+    nursery.start_soon(accept)
+    own = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    proto = PROTO.encode()
+    await a_end.write(bytes([VERSION]) + own + len(proto).to_bytes(2, "big") + proto)
+    return (await a_end.read(1))[0]
+
+
+async def test_one_peer_holds_at_most_its_ticket_quota() -> None:
+    with trio.fail_after(10):
+        async with (
+            endpoints(max_pending_per_peer=2) as (_dialer, responder),
+            trio.open_nursery() as nursery,
+        ):
+            assert await _ask_for_ticket(responder, PEER_A, nursery) == 0
+            assert await _ask_for_ticket(responder, PEER_A, nursery) == 0
+            assert await _ask_for_ticket(responder, PEER_A, nursery) != 0  # refused
+            assert await _ask_for_ticket(responder, "peer-C", nursery) == 0
+            holders = sorted(p.remote_peer for p in responder._pending.values())
+            assert holders == [PEER_A, PEER_A, "peer-C"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_frame_buffers_are_allocated_on_first_use() -> None:
+    with trio.fail_after(10):
+        async with endpoints() as (dialer, responder):
+            a, b = await bulk_pair(dialer, responder)
+            for stream in (a, b):  # after the HELLO exchange: small buffers only
+                assert len(stream._send_buf) + len(stream._ct) + len(stream._pt) < 1024
+            data = os.urandom(MAX_FRAME + 1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send_and_close, a, data)
+                assert await read_all(b) == data
+            assert len(b._pt) == MAX_FRAME and len(a._send_buf) > MAX_FRAME
+            assert len(a._pt) == 0  # a received only HELLO and nothing else yet
 
 
 def test_header_layout() -> None:

@@ -9,8 +9,10 @@ moment to form; every test is bounded by `trio.fail_after`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import pytest
 import trio
@@ -50,14 +52,18 @@ class Cluster:
         self._stops: dict[str, tuple[trio.Event, trio.Event]] = {}
         self.identities: dict[str, NodeIdentity] = {}
 
-    def _new(self) -> Network:
+    def _new(self, options: dict[str, Any]) -> Network:
+        """A node of this kind; `options` are settings both implementations take by name
+        (`MemoryNetwork` keyword arguments, `Libp2pConfig` fields)."""
         identity = NodeIdentity.generate()
         self.identities[identity.peer_id] = identity
         if self.kind == "memory":
-            return MemoryNetwork(self._hub, identity)
-        from ravenp2p.network.libp2p import Libp2pNetwork
+            return MemoryNetwork(self._hub, identity, **options)
+        from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork
 
-        return Libp2pNetwork(identity, listen_addrs=("/ip4/127.0.0.1/tcp/0",))
+        return Libp2pNetwork(
+            identity, listen_addrs=("/ip4/127.0.0.1/tcp/0",), config=Libp2pConfig(**options)
+        )
 
     async def _run(
         self,
@@ -73,9 +79,9 @@ class Cluster:
         finally:
             stopped.set()
 
-    async def start(self, n: int, edges: Edges = ()) -> list[Network]:
-        """Start `n` nodes and connect `a -> b` for each edge."""
-        nets = [self._new() for _ in range(n)]
+    async def start(self, n: int, edges: Edges = (), **options: Any) -> list[Network]:
+        """Start `n` nodes (built with `options`) and connect `a -> b` for each edge."""
+        nets = [self._new(options) for _ in range(n)]
         for net in nets:
             stop, stopped = trio.Event(), trio.Event()
             self._stops[net.peer_id] = (stop, stopped)
@@ -272,6 +278,99 @@ async def test_pubsub_carries_large_messages(cluster: Cluster) -> None:
         assert got.data == payload and got.source == a.peer_id
 
 
+async def _publish_until(
+    net: Network, topic: str, payloads: Callable[[int], list[bytes]], sub: Subscription, want: bytes
+) -> list[bytes]:
+    """Publish `payloads(i)`, i = 0, 1, ..., until `sub` gets a message starting with `want`.
+
+    Returns every payload `sub` received meanwhile.
+    """
+    received: list[bytes] = []
+    with trio.fail_after(15):
+        for i in itertools.count():
+            for data in payloads(i):
+                await net.publish(topic, data)
+            with trio.move_on_after(0.3):
+                while True:
+                    received.append((await sub.__anext__()).data)
+                    if received[-1].startswith(want):
+                        return received
+    raise AssertionError("unreachable")
+
+
+def _drain(sub: Subscription) -> list[bytes]:
+    """Payloads already queued on `sub` (a `QueuedSubscription`), without waiting."""
+    got = []
+    receive = sub._receive  # type: ignore[attr-defined]
+    while True:
+        try:
+            got.append(receive.receive_nowait().data)
+        except trio.WouldBlock:
+            return got
+
+
+async def test_topic_validator_stops_delivery_and_relaying(cluster: Cluster) -> None:
+    """A message the validator rejects reaches no subscriber and is not relayed onwards."""
+    topic = "raven/test/validated"
+    seen: dict[str, list[tuple[str, bytes]]] = {"b": [], "c": []}
+
+    def validator_for(name: str) -> Callable[[str, bytes], bool]:
+        def validate(source: str, data: bytes) -> bool:
+            seen[name].append((source, data))
+            return not data.startswith(b"bad")
+
+        return validate
+
+    with trio.fail_after(TEST_DEADLINE):
+        a, b, c = await cluster.start(3, line(3))
+        b.set_topic_validator(topic, validator_for("b"))
+        c.set_topic_validator(topic, validator_for("c"))
+        sub_b, sub_c = await b.subscribe(topic), await c.subscribe(topic)
+        await eventually(lambda: b.peer_id in a.topic_peers(topic))
+        await eventually(lambda: c.peer_id in b.topic_peers(topic))
+
+        got_c = await _publish_until(
+            a, topic, lambda i: [b"bad-%d" % i, b"good-%d" % i], sub_c, b"good"
+        )
+        await trio.sleep(0.3)  # a relayed bad message would have arrived by now
+        assert [d for d in got_c + _drain(sub_c) if not d.startswith(b"good")] == []
+        assert any(data.startswith(b"bad") for _, data in seen["b"]), "B never saw a bad one"
+        assert all(source == a.peer_id for source, _ in seen["b"])
+        # C's validator sees everything that reaches C: B relayed no bad message
+        assert [d for _, d in seen["c"] if d.startswith(b"bad")] == []
+        assert any(d.startswith(b"good") for _, d in seen["c"])
+        got_b = _drain(sub_b)
+        assert got_b and [d for d in got_b if not d.startswith(b"good")] == []
+        if cluster.kind == "memory":
+            assert cluster._hub.stats.pubsub_dropped_invalid > 0
+
+
+async def test_topic_validator_exception_counts_as_rejection(cluster: Cluster) -> None:
+    topic = "raven/test/validator-raises"
+
+    def fragile(source: str, data: bytes) -> bool:
+        if data.startswith(b"boom"):
+            raise RuntimeError("validator bug")
+        return True
+
+    with trio.fail_after(TEST_DEADLINE):
+        a, b = await cluster.start(2, [(0, 1)])
+        b.set_topic_validator(topic, fragile)
+        sub = await b.subscribe(topic)
+        await eventually(lambda: b.peer_id in a.topic_peers(topic))
+        got = await _publish_until(
+            a, topic, lambda i: [b"boom-%d" % i, b"fine-%d" % i], sub, b"fine"
+        )
+        await trio.sleep(0.3)
+        got += _drain(sub)
+        assert [d for d in got if d.startswith(b"boom")] == []
+        # the node is unharmed: pubsub and requests still work
+        got = await _publish_until(a, topic, lambda i: [b"again-%d" % i], sub, b"again")
+        assert [d for d in got if d.startswith(b"boom")] == []
+        b.set_request_handler(ECHO, echo_handler)
+        assert await a.request(b.peer_id, ECHO, b"x") == a.peer_id.encode() + b"|x"
+
+
 # --- request / response ----------------------------------------------------------------------
 
 
@@ -345,6 +444,61 @@ async def test_request_timeout_is_network_error(cluster: Cluster) -> None:
             await a.request(b.peer_id, "/raven/test/slow/1", b"x", timeout=0.5)
         assert trio.current_time() - started < 5
         release.set()
+
+
+async def test_request_handler_timeout(cluster: Cluster) -> None:
+    """A handler that never returns is cancelled; the caller hears why, the node keeps serving."""
+
+    async def stuck(remote: str, data: bytes) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    with trio.fail_after(TEST_DEADLINE):
+        a, b = await cluster.start(2, [(0, 1)], request_handler_timeout_s=0.3)
+        b.set_request_handler("/raven/test/stuck/1", stuck)
+        b.set_request_handler(ECHO, echo_handler)
+        for _ in range(2):
+            started = trio.current_time()
+            with pytest.raises(RequestFailed, match=r"handler for .* timed out after 0\.3 s"):
+                await a.request(b.peer_id, "/raven/test/stuck/1", b"x", timeout=10)
+            assert trio.current_time() - started < 5
+        assert await a.request(b.peer_id, ECHO, b"y") == a.peer_id.encode() + b"|y"
+
+
+async def test_inbound_requests_are_capped_per_peer(cluster: Cluster) -> None:
+    """Above the cap, one peer's further requests fail at once; other peers are unaffected."""
+    release = trio.Event()
+    waiting: list[str] = []
+
+    async def gate(remote: str, data: bytes) -> bytes:
+        waiting.append(remote)
+        with trio.move_on_after(20):
+            await release.wait()
+        return b"done:" + data
+
+    with trio.fail_after(TEST_DEADLINE):
+        a, b, c = await cluster.start(3, [(0, 1), (2, 1)], max_inbound_requests_per_peer=2)
+        b.set_request_handler("/raven/test/gate/1", gate)
+        results: list[bytes] = []
+
+        async def call(data: bytes) -> None:
+            results.append(await a.request(b.peer_id, "/raven/test/gate/1", data, timeout=15))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, b"1")
+            nursery.start_soon(call, b"2")
+            await eventually(lambda: len(waiting) == 2)
+            started = trio.current_time()
+            with pytest.raises(RequestFailed, match="too many concurrent requests"):
+                await a.request(b.peer_id, "/raven/test/gate/1", b"3", timeout=10)
+            assert trio.current_time() - started < 3
+            # the cap is per peer: c is served while a is at its limit
+            nursery.start_soon(lambda: c.request(b.peer_id, "/raven/test/gate/1", b"c"))
+            await eventually(lambda: waiting.count(c.peer_id) == 1)
+            release.set()
+        assert sorted(results) == [b"done:1", b"done:2"]
+        # slots are given back when requests finish
+        assert await a.request(b.peer_id, "/raven/test/gate/1", b"4") == b"done:4"
 
 
 async def test_request_to_unknown_peer_is_unreachable(cluster: Cluster) -> None:

@@ -12,17 +12,26 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import libp2p.network.swarm as libp2p_swarm
 import multiaddr
 import pytest
 import trio
 from libp2p import new_host
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import MultiError
+from libp2p.network.exceptions import SwarmException
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from ravenp2p.identity import NodeIdentity
 from ravenp2p.network.base import (
@@ -36,7 +45,8 @@ from ravenp2p.network.base import (
     Subscription,
     TopicMessage,
 )
-from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork
+from ravenp2p.network.bulk import BULK_PROTOCOL
+from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork, _open_streams
 
 CAP_NS = "ravenp2p-cap"
 
@@ -168,28 +178,70 @@ async def test_pitfall1_connect_is_not_delayed_by_happy_eyeballs() -> None:
         assert libp2p_swarm._HAPPY_EYEBALLS_DELAY == 0
 
 
+def _find_in_causes(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first `kind` in `exc`'s cause/context chain, looking inside libp2p MultiErrors."""
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return current
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        if isinstance(current, MultiError):
+            todo.extend(current.errors)
+    return None
+
+
+async def _dial_with_security(
+    target: Libp2pNetwork, key_pair: KeyPair, sec_opt: dict[TProtocol, Any]
+) -> Exception | None:
+    """Dial `target` from a bare py-libp2p host offering only `sec_opt`.
+
+    Returns None once `target` lists the dialer as connected, or the exception
+    the dial raised (caught inside the host's run, whose nursery would wrap it).
+    """
+    dialer = new_host(
+        key_pair=key_pair,
+        sec_opt=sec_opt,
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")],
+    )
+    info = info_from_p2p_addr(multiaddr.Multiaddr(target.listen_addrs[0]))
+    me = str(dialer.get_id())
+    async with dialer.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        try:
+            with trio.fail_after(5):
+                await dialer.connect(info)
+        except Exception as exc:
+            return exc
+        try:
+            await wait_until(lambda: me in target.connected_peers())
+        finally:
+            with trio.move_on_after(2):
+                await dialer.disconnect(info.peer_id)
+    return None
+
+
 async def test_pitfall2_plaintext_dialer_cannot_connect() -> None:
     async with started(1) as (target,):
         ident = NodeIdentity.generate()
         key_pair = ident.libp2p_key_pair()
-        dialer = new_host(
-            key_pair=key_pair,
-            sec_opt={TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(key_pair)},
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-            listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")],
-        )
-        info = info_from_p2p_addr(multiaddr.Multiaddr(target.listen_addrs[0]))
-        connected = False
-        async with dialer.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-            with trio.move_on_after(5):
-                try:
-                    await dialer.connect(info)
-                    connected = True
-                except Exception:
-                    connected = False
-            assert not connected
-            assert ident.peer_id not in target.connected_peers()
-            await dialer.disconnect(info.peer_id)
+        plaintext = {TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(key_pair)}
+        failure = await _dial_with_security(target, key_pair, plaintext)
+        assert isinstance(failure, SwarmException), repr(failure)
+        # It failed in security negotiation (no common protocol), not for another reason.
+        upgrade = _find_in_causes(failure, SecurityUpgradeFailure)
+        assert upgrade is not None, repr(failure)
+        assert "failed to negotiate the secure protocol" in str(upgrade)
+        assert ident.peer_id not in target.connected_peers()
+
+        # Control: the same dialer setup and identity connects when it offers Noise.
+        noise_key = create_x25519_key_pair().private_key
+        noise = {TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(key_pair, noise_privkey=noise_key)}
+        assert await _dial_with_security(target, key_pair, noise) is None
 
 
 async def test_pitfall3_connections_seed_the_dht_routing_table() -> None:
@@ -442,6 +494,68 @@ async def test_request_timeout_raises_request_failed() -> None:
         with pytest.raises(RequestFailed, match="timed out"):
             await a.request(b.peer_id, "/slow/1", b"x", timeout=0.5)
         assert time.monotonic() - t0 < 2
+
+
+async def test_too_large_response_keeps_its_type() -> None:
+    """The caller's own `max_response_bytes` refusal is a RequestTooLarge, not a plain failure."""
+    async with started(1, Libp2pConfig(max_response_bytes=1000)) as (client,), started(1) as (
+        server,
+    ):
+
+        async def big(peer: str, data: bytes) -> bytes:
+            return b"z" * 5000
+
+        server.set_request_handler("/rv/big/1", big)
+        server.set_request_handler("/rv/echo/1", _echo)
+        await client.connect(server.listen_addrs[0])
+        with pytest.raises(RequestTooLarge, match="max_response_bytes=1000") as info:
+            await client.request(server.peer_id, "/rv/big/1", b"?")
+        assert isinstance(info.value, ValueError)
+        assert "failed:" not in str(info.value)  # not re-wrapped by the generic clause
+        assert await client.request(server.peer_id, "/rv/echo/1", b"ok") == b"ok"
+
+
+async def _echo(peer: str, data: bytes) -> bytes:
+    return data
+
+
+async def test_bulk_handshake_streams_do_not_linger() -> None:
+    """Each bulk transfer fully closes its libp2p handshake stream on both sides.
+
+    A lingering one counts as an open application stream, so the connection
+    manager could never prune the link.
+    """
+
+    async def sink(stream: Stream) -> None:
+        while await stream.read(1 << 20):
+            pass
+        await stream.write(b"ok")
+        await stream.close()
+
+    def bulk_handshakes(net: Libp2pNetwork, peer_id: str) -> int:
+        conns = net.host.get_network().get_connections(ID.from_base58(peer_id))
+        return sum(
+            str(stream.get_protocol()) == BULK_PROTOCOL
+            for conn in conns
+            for stream in conn.get_streams()
+        )
+
+    with trio.fail_after(20):
+        async with started(2) as (a, b):
+            b.set_stream_handler("/rv/sink/1", sink)
+            await a.connect(b.listen_addrs[0])
+            for _ in range(5):
+                stream = await a.open_bulk_stream(b.peer_id, "/rv/sink/1")
+                await stream.write(b"x" * 100_000)
+                await stream.close()
+                assert await stream.read() == b"ok"
+                await stream.reset()
+            with pytest.raises(ProtocolNotSupported):  # the error path releases it too
+                await a.open_bulk_stream(b.peer_id, "/rv/not-served/1")
+            assert bulk_handshakes(a, b.peer_id) == 0
+            await wait_until(lambda: bulk_handshakes(b, a.peer_id) == 0)
+            conns = a.host.get_network().get_connections(ID.from_base58(b.peer_id))
+            assert sum(_open_streams(conn) for conn in conns) == 0
 
 
 # --- streams ---------------------------------------------------------------------------
