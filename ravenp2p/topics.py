@@ -4,8 +4,10 @@ Gossip is fast but may drop messages (py-libp2p's GossipSub loses some under
 churn and rate caps; simulated links lose packets on purpose). Job-critical
 messages therefore ride on this layer, which adds:
 
-- message ids: the 16-byte BLAKE2b of the signed envelope bytes, so duplicates
-  are recognised before any parsing or signature work;
+- message ids: the 16-byte BLAKE2b of the signed envelope bytes (which have one
+  canonical form), so duplicates are recognised before any parsing;
+- a relay check: the network asks this layer before delivering or forwarding a
+  gossiped message, so invalid envelopes stop at the first honest peer;
 - de-duplication: each node holds the messages it has seen for a retention
   window and hands each one to its subscribers once;
 - pull resync (anti-entropy): every `sync_interval_s` a node asks a few random
