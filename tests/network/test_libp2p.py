@@ -322,35 +322,6 @@ async def test_pitfall6_normal_traffic_does_not_log_warnings() -> None:
     assert not collect.records, [f"{r.name}: {r.getMessage()}" for r in collect.records]
 
 
-async def test_pitfall_reset_is_not_reported_as_eof() -> None:
-    # py-libp2p's yamux forgets a stream when an RST arrives: the next read says EOF.
-    outcome: list[str] = []
-    done = trio.Event()
-
-    async def reader(stream: Stream) -> None:
-        try:
-            while await stream.read():
-                pass
-            outcome.append("eof")
-        except NetworkError:
-            outcome.append("reset")
-        finally:
-            done.set()
-
-    async with started(2) as (a, b):
-        b.set_stream_handler("/reader/1", reader)
-        await a.connect(b.listen_addrs[0])
-        stream = await a.open_stream(b.peer_id, "/reader/1")
-        await stream.write(b"some bytes")
-        await trio.sleep(0.1)
-        await stream.reset()
-        with trio.fail_after(5):
-            await done.wait()
-        assert outcome == ["reset"]
-        with pytest.raises(NetworkError):
-            await stream.write(b"more")
-
-
 async def test_pitfall_auto_connector_does_not_dial_the_peerstore() -> None:
     # py-libp2p's auto-connector aims at (low + high watermark) / 2 connections
     # and dials any peer whose address it knows.
