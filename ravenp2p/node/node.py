@@ -285,21 +285,22 @@ class Node:
     async def fetch_capability(
         self, peer_id: str, timeout: float = 10.0
     ) -> CapabilityRecord | None:
-        """Read and verify a peer's capability record from the DHT."""
+        """Read a peer's capability record from the DHT; `WireError` if it does not verify."""
         key = capability_key(peer_id)
         raw = await self.network.get_value(key, timeout=timeout)
-        if raw is None:
-            return None
-        envelope = self._record_codec.open(raw, context=key, check_replay=False)
-        assert isinstance(envelope.message, CapabilityRecord)
-        return envelope.message
+        return None if raw is None else self._open_capability(key, raw)
 
-    def _validate_capability(self, key: str, value: bytes) -> None:
+    def _open_capability(self, key: str, value: bytes) -> CapabilityRecord:
         envelope = self._record_codec.open(value, context=key, check_replay=False)
         if not isinstance(envelope.message, CapabilityRecord):
             raise WireError("type", f"a capability record was expected, not {envelope.type}")
         if key != capability_key(envelope.sender):
             raise WireError("sender", f"record for {key} signed by {envelope.sender}")
+        return envelope.message
+
+    def _validate_capability(self, key: str, value: bytes) -> None:
+        """DHT record validator for the capability namespace."""
+        self._open_capability(key, value)
 
     # --- control endpoint -------------------------------------------------------------
     async def _control(self, request: dict[str, Any]) -> Any:
