@@ -10,11 +10,14 @@ live in `ravenp2p.wire`; reliable delivery lives in `ravenp2p.topics`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import trio
+
+_log = logging.getLogger("ravenp2p.network")
 
 
 class NetworkError(Exception):
@@ -106,6 +109,21 @@ class Subscription(Protocol):
     async def __anext__(self) -> TopicMessage: ...
 
     async def aclose(self) -> None: ...
+
+
+def topic_validator_accepts(
+    validator: TopicValidator, topic: str, source: str, data: bytes
+) -> bool:
+    """Run a topic validator failing closed: an exception or any result but True drops."""
+    try:
+        accepted = validator(source, data) is True
+    except Exception as exc:
+        # Debug only: a remote peer can trigger this at will.
+        _log.debug("topic validator for %s raised %r: message dropped", topic, exc)
+        return False
+    if not accepted:
+        _log.debug("topic validator for %s rejected a message from %s", topic, source)
+    return accepted
 
 
 class QueuedSubscription:

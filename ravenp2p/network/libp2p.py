@@ -91,6 +91,7 @@ from ravenp2p.network.base import (
     StreamHandler,
     TopicMessage,
     TopicValidator,
+    topic_validator_accepts,
 )
 from ravenp2p.network.bulk import BULK_PROTOCOL, BulkEndpoint
 
@@ -356,22 +357,6 @@ class _RavenPubsub(Pubsub):
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         if self.deliver is not None:
             self.deliver(publish_message, _FORWARDER.get())
-
-
-def _run_topic_validator(
-    topic: str, validator: TopicValidator, msg: rpc_pb2.Message, forwarder: ID
-) -> bool:
-    """`validator(source, data)`, where an exception or a non-True result means "drop"."""
-    try:
-        source = str(ID(msg.from_id))
-        accepted = validator(source, msg.data) is True
-    except Exception as exc:
-        # Logged at debug only: a remote peer can trigger this at will.
-        logger.debug("topic validator for %s raised %r: message dropped", topic, exc)
-        return False
-    if not accepted:
-        logger.debug("topic validator for %s rejected a message via %s", topic, forwarder)
-    return accepted
 
 
 class Libp2pSubscription(QueuedSubscription):
@@ -994,7 +979,11 @@ class Libp2pNetwork:
             validator = self._topic_validators.get(topic)
             if validator is None:
                 return True
-            return _run_topic_validator(topic, validator, msg, forwarder)
+            try:
+                source = str(ID(msg.from_id))
+            except Exception:  # a malformed publisher id cannot be valid
+                return False
+            return topic_validator_accepts(validator, topic, source, msg.data)
 
         pubsub.set_topic_validator(topic, check, False)
 

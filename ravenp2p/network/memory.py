@@ -68,6 +68,7 @@ from ravenp2p.network.base import (
     StreamHandler,
     TopicMessage,
     TopicValidator,
+    topic_validator_accepts,
 )
 
 __all__ = [
@@ -900,11 +901,7 @@ class MemoryNetwork:
         validator = self._topic_validators.get(msg.topic)
         if validator is None:
             return True
-        try:
-            accepted = validator(msg.source, msg.data) is True
-        except Exception as exc:
-            logger.debug("topic validator for %s raised %r: message dropped", msg.topic, exc)
-            accepted = False
+        accepted = topic_validator_accepts(validator, msg.topic, msg.source, msg.data)
         if not accepted:
             self._hub.stats.pubsub_dropped_invalid += 1
         return accepted
