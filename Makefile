@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/ravenp2p devnet --nodes 6
+	$(VENV)/bin/ravenp2p devnet --nodes 5 --byzantine 1
 
 test: install
 	$(VENV)/bin/ruff check .
@@ -27,6 +27,7 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/net.py
+	$(PY) benchmarks/train.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -7,6 +7,7 @@ configuration; 3 no running node could be reached.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="percent of the device to lend, 0-100 (default 0: compute nothing)")
     node.add_argument("--i-consent", dest="consent", action="store_true",
                       help="allow this node to run calculations for others")
+    node.add_argument("--threads", type=int, default=1, metavar="N",
+                      help="most torch threads one calculation may use (default 1)")
+    node.add_argument("--master", action="store_true",
+                      help="also accept jobs from requesters and run them as their master")
     node.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     node.add_argument("--log-json", action="store_true", help="write logs as JSON lines")
 
@@ -83,9 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(peers)
     peers.add_argument("--find", metavar="PEER_ID", help="look one peer up through the DHT instead")
 
-    devnet = commands.add_parser("devnet", help="run a local network of nodes on this machine")
-    devnet.add_argument("--nodes", type=int, default=5, help="number of nodes (default 5)")
-    devnet.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    devnet = commands.add_parser(
+        "devnet", help="train a model on a local network of real nodes on this machine"
+    )
+    devnet.add_argument("--nodes", type=int, default=4, help="number of workers (default 4)")
+    devnet.add_argument("--byzantine", type=int, default=0, metavar="K",
+                        help="how many of the workers return wrong results (default 0)")
+    devnet.add_argument("--dataset", default="digits", metavar="NAME|PATH",
+                        help="'digits' (bundled with scikit-learn), an MNIST folder, or a "
+                        ".npz, .csv or text file (default digits)")
+    devnet.add_argument("--redundancy", type=int, default=3, metavar="R",
+                        help="workers per calculation (default 3)")
+    devnet.add_argument("--calculation", choices=("local_steps", "gradient"),
+                        default="local_steps",
+                        help="what a calculation computes: 16 local optimizer steps on a "
+                        "shard (default) or one gradient")
+    devnet.add_argument("--processes", type=int, default=0, metavar="M",
+                        help="run M of the honest workers as separate processes, so that "
+                        "they compute in parallel on several cores (default 0)")
+    devnet.add_argument("--spec", type=Path, metavar="JOB.toml",
+                        help="run this job spec instead of the default for --dataset")
+    devnet.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds the job may take (default 600)")
     _add_json(devnet)
     return parser
 
@@ -120,6 +144,8 @@ def _node(args: argparse.Namespace) -> int:
         device=args.device,
         share=args.share,
         consent=args.consent,
+        master=args.master,
+        max_threads=args.threads,
     )
     configure_logging(args.log_level, json_format=args.log_json)
     trio.run(run_daemon, config)
@@ -155,22 +181,44 @@ def _peers(args: argparse.Namespace) -> int:
 
 
 def _devnet(args: argparse.Namespace) -> int:
-    from ravenp2p.devnet import run_devnet
-    from ravenp2p.log import configure_logging
+    import dataclasses
 
+    from ravenp2p.devnet import devnet_spec, run_devnet
+    from ravenp2p.log import configure_logging
+    from ravenp2p.training.spec import load_job_spec
+
+    if args.spec is not None:
+        spec = load_job_spec(args.spec)
+        spec = dataclasses.replace(spec, redundancy=args.redundancy)
+    else:
+        spec = devnet_spec(args.dataset, args.redundancy, args.calculation)
+    if args.redundancy > args.nodes - args.byzantine and args.byzantine:
+        raise ValueError(
+            f"--redundancy {args.redundancy} needs more honest workers than "
+            f"{args.nodes - args.byzantine}"
+        )
     configure_logging("warning" if args.json else "info")
-    report = trio.run(run_devnet, args.nodes, args.timeout)
+    report = trio.run(
+        functools.partial(
+            run_devnet, args.nodes, args.byzantine, spec, timeout=args.timeout,
+            worker_processes=args.processes,
+        )
+    )
     if args.json:
-        _print_json(report.to_json())
+        _print_json(report)
         return EXIT_OK
-    print(f"\n{len(report.nodes)} nodes discovered each other in "
-          f"{report.seconds_to_discover:.2f} s; {report.dht_lookups_found}/{report.dht_lookups} "
-          "DHT lookups verified a signed record.")
-    print(f"{'peer id':<54} {'address':<43} {'knows':>5} {'links':>5}")
-    for row in report.nodes:
-        print(f"{row['peer_id']:<54} {row['address']:<43} {row['peers_known']:>5} "
-              f"{row['peers_connected']:>5}")
-    return EXIT_OK if report.dht_lookups_found == report.dht_lookups else EXIT_FAILED
+    accuracy = report["test_accuracy"]
+    print(f"\nJob {report['job_id'][:16]} ({report['model']}) finished: {report['reason']}")
+    print(f"  holdout accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}, "
+          f"loss {report['test_loss']:.4f}, {report['rounds']} rounds in "
+          f"{report['seconds']:.1f} s")
+    print(f"  {report['calculations_accepted']} calculations accepted, "
+          f"{report['results_rejected']} results rejected")
+    print(f"  {'worker':<54} {'accepted':>8} {'rejected':>8}  byzantine")
+    for row in report["workers"]:
+        print(f"  {row['peer_id']:<54} {row['accepted']:>8} {row['rejected']:>8}  "
+              f"{'yes' if row['byzantine'] else 'no'}")
+    return EXIT_OK
 
 
 _COMMANDS = {"keys": _keys, "node": _node, "peers": _peers, "devnet": _devnet}
@@ -184,14 +232,21 @@ def _single_cause(error: BaseException) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ravenp2p` console script."""
-    from ravenp2p.devnet import DevnetError
     from ravenp2p.identity import IdentityError
     from ravenp2p.node.config import ConfigError
     from ravenp2p.node.control import ControlError
     from ravenp2p.node.daemon import DataDirBusy
 
+    # Idle OpenMP threads spin by default, stealing cores from the calculations of
+    # other processes; must be set before torch is first imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
+    failures: tuple[type[BaseException], ...] = (IdentityError, DataDirBusy, OSError)
+    if args.command == "devnet":  # imports torch: only where it is needed
+        from ravenp2p.devnet import DevnetError
+
+        failures += (DevnetError,)
     try:
         try:
             return _COMMANDS[args.command](args)
@@ -213,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ravenp2p: error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except (IdentityError, DevnetError, DataDirBusy, OSError) as exc:
+    except failures as exc:
         if args.debug:
             raise
         print(f"ravenp2p: error: {exc}", file=sys.stderr)

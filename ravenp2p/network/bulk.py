@@ -92,6 +92,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ravenp2p.network.base import NetworkError, ProtocolNotSupported, Stream
+from ravenp2p.network.framing import FrameError, read_exactly
 
 BULK_PROTOCOL = "/ravenp2p/bulk/1.0.0"
 VERSION = 1
@@ -173,15 +174,10 @@ def derive_keys(
 
 async def _read_exactly(stream: Stream, n: int) -> bytes:
     """Read exactly `n` bytes from a `base.Stream`, or raise `BulkHandshakeError`."""
-    parts: list[bytes] = []
-    have = 0
-    while have < n:
-        chunk = await stream.read(n - have)
-        if not chunk:
-            raise BulkHandshakeError(f"handshake stream ended after {have} of {n} bytes")
-        parts.append(chunk)
-        have += len(chunk)
-    return b"".join(parts)
+    try:
+        return await read_exactly(stream, n)
+    except FrameError as exc:
+        raise BulkHandshakeError(f"handshake {exc}") from None
 
 
 async def _close_quietly(stream: Stream) -> None:
@@ -251,8 +247,8 @@ class BulkStream:
             raise BulkError("frame counter exhausted; open a new bulk stream")
         n = len(payload)
         total = HEADER_LEN + n + TAG_LEN
-        if total > len(self._send_buf):  # first DATA frame: allocate the full-size buffer
-            self._send_buf = bytearray(HEADER_LEN + MAX_FRAME + TAG_LEN)
+        if total > len(self._send_buf):  # grown to the largest frame sent so far
+            self._send_buf = bytearray(total)
             self._send_view = memoryview(self._send_buf)
         HEADER.pack_into(self._send_buf, 0, ftype, n + TAG_LEN)
         header = bytes(self._send_view[:HEADER_LEN])
@@ -296,8 +292,8 @@ class BulkStream:
                     raise BulkIntegrityError(
                         f"malformed bulk frame header (type {ftype}, length {ct_len})"
                     )
-                if ct_len > len(self._ct):  # first DATA frame: allocate full-size buffers
-                    self._ct = bytearray(MAX_FRAME + TAG_LEN)
+                if ct_len > len(self._ct):  # grown to the largest frame received so far
+                    self._ct = bytearray(ct_len)
                     self._ct_view = memoryview(self._ct)
                 self._ct_need = ct_len
                 self._ct_have = 0
@@ -313,7 +309,7 @@ class BulkStream:
         self._hdr_have = 0
         self._ct_need = -1
         if n > len(self._pt):  # only when all earlier plaintext has been consumed
-            self._pt = bytearray(MAX_FRAME)
+            self._pt = bytearray(n)
             self._pt_view = memoryview(self._pt)
         try:
             self._recv_aead.decrypt_into(

@@ -46,6 +46,12 @@ class NodeConfig:
     max_known_peers: int = 10_000
     shutdown_timeout_s: float = 4.5
     control: bool = True
+    master: bool = False
+    """Also act as a master: accept jobs from requesters and run them."""
+    max_threads: int = 1
+    """Upper bound on torch threads per calculation."""
+    max_blob_bytes: int | None = 8 * 1024**3
+    """Disk the blob store (shards, weights, results) may use; unpinned blobs are evicted."""
     limits: WireLimits = field(default_factory=WireLimits)
 
     def __post_init__(self) -> None:
@@ -61,6 +67,10 @@ class NodeConfig:
             raise ConfigError(f"share: must be a percentage between 0 and 100, not {self.share}")
         if self.announce_interval_s <= 0 or self.peer_expiry_s <= self.announce_interval_s:
             raise ConfigError("peer_expiry_s: must be longer than announce_interval_s")
+        if not 1 <= self.max_threads <= 256:
+            raise ConfigError(f"max_threads: must be between 1 and 256, not {self.max_threads}")
+        if self.max_blob_bytes is not None and self.max_blob_bytes < 1024**2:
+            raise ConfigError("max_blob_bytes: must be at least 1 MiB")
         if self.control:
             try:
                 check_socket_path(self.data_dir)

@@ -16,6 +16,8 @@ from ravenp2p.identity import load_or_create_identity
 from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.node import Node
+from ravenp2p.roles.master import Master
+from ravenp2p.roles.worker import Worker, WorkerConfig
 
 log = logging.getLogger("ravenp2p.node")
 
@@ -80,6 +82,9 @@ async def _run_locked(config: NodeConfig) -> None:
         log.info("Created a new node key in %s", config.data_dir)
     network = Libp2pNetwork(identity, config.listen, DAEMON_NETWORK_CONFIG)
     node = Node(network, identity, config)
+    node.add_role(Worker(node, WorkerConfig(max_threads=config.max_threads)).run)
+    if config.master:
+        node.add_role(Master(node).run)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, node, nursery.cancel_scope, config.shutdown_timeout_s)
         await node.run()

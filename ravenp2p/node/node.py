@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import trio
 
 from ravenp2p import __version__
 from ravenp2p.clock import Clock, SystemClock
+from ravenp2p.data.blobs import BlobService
+from ravenp2p.data.store import BlobStore
 from ravenp2p.identity import NodeIdentity
 from ravenp2p.network.base import Network, NetworkError, PeerInfo
 from ravenp2p.node.config import NodeConfig
@@ -30,9 +33,13 @@ from ravenp2p.wire import CapabilityRecord, EnvelopeCodec, WireError
 CAPABILITY_NAMESPACE = "ravenp2p-cap"
 PEERS_TOPIC = "/ravenp2p/peers/1"
 PEER_CACHE_FILE = "peers.json"
+BLOB_FOLDER = "blobs"
 MAX_CACHED_PEERS = 64
 
 log = logging.getLogger("ravenp2p.node")
+
+Role = Callable[..., Awaitable[Any]]
+"""A role's `run(*, task_status)`: started in the node's nursery with `nursery.start`."""
 
 
 def capability_key(peer_id: str) -> str:
@@ -94,6 +101,9 @@ class Node:
         self._reachable: dict[str, str] = {}
         self._stop = trio.Event()
         self._started_at = 0.0
+        self._roles: list[Role] = []
+        self.store = BlobStore(Path(config.data_dir) / BLOB_FOLDER, max_bytes=config.max_blob_bytes)
+        self.blobs = BlobService(network, self.store)
 
     @property
     def peer_id(self) -> str:
@@ -109,6 +119,14 @@ class Node:
             addrs=tuple(self.network.listen_addrs[:16]),
             consent=self.config.consent,
         )
+
+    def add_role(self, role: Role) -> None:
+        """Run `role` (a `run(task_status=...)` function) while the node is up.
+
+        Roles start after the network, the topics layer and the blob service,
+        in the order added, and are cancelled before the network stops.
+        """
+        self._roles.append(role)
 
     @property
     def stopping(self) -> bool:
@@ -132,7 +150,7 @@ class Node:
                     "Share is %d%% but consent was not given: this node will not compute",
                     self.config.share,
                 )
-            async with trio.open_nursery() as nursery:
+            async with self.blobs.running(), trio.open_nursery() as nursery:
                 await nursery.start(self.topics.run)
                 peers = await self.topics.subscribe(PEERS_TOPIC)
                 nursery.start_soon(self._read_peer_announcements, peers)
@@ -141,6 +159,8 @@ class Node:
                 nursery.start_soon(self._join)
                 nursery.start_soon(self._announce_loop)
                 nursery.start_soon(self._expire_loop)
+                for role in self._roles:
+                    await nursery.start(role)
                 task_status.started(self)
                 await self._stop.wait()
                 connected = len(self.network.connected_peers())

@@ -9,6 +9,7 @@ any role code sees it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -63,8 +64,7 @@ class Message:
         """Validate a decoded body and build the message, or raise `WireError`."""
         if not isinstance(body, dict):
             raise WireError("body", f"must be a map, got {type(body).__name__}")
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        hints, fields = _shape_of(cls)
         unknown = sorted(set(body) - set(fields), key=str)
         if unknown:
             raise WireError(f"body.{unknown[0]}", f"unknown field for {cls.TYPE}")
@@ -84,6 +84,13 @@ class Message:
 
 
 M = TypeVar("M", bound=Message)
+
+
+@functools.cache
+def _shape_of(cls: type[Message]) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    """A message class's resolved type hints and fields (resolving them is slow)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return typing.get_type_hints(cls), fields
 
 _REGISTRY: dict[str, type[Message]] = {}
 

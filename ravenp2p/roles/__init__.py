@@ -1,0 +1,1 @@
+"""The roles a node plays in a training job: requester, master, worker."""

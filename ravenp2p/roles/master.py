@@ -1,0 +1,775 @@
+"""The master (the whitepaper's distribution server and gradient collector).
+
+It keeps a request queue of jobs; for each job it runs rounds:
+
+1. the calculation queue: `calculations_per_round` calculations, each naming
+   the job, the round, the weights digest, a shard digest and the kind;
+2. each calculation is assigned to R distinct workers chosen by advertised
+   capacity and load (`consensus.assignment`), in one signed assignment on the
+   job's reliable topic;
+3. the gradient collector takes signed results over streams, checks them and
+   votes on them (`consensus.voting`); a calculation whose workers miss their
+   deadline, or whose results disagree, gets extra workers;
+4. accepted results are averaged, the optimizer steps, the new weights are
+   stored by digest and a signed round record names what was accepted and who
+   is credited; a checkpoint is written so the job survives a restart;
+5. the job stops on its stop condition (rounds, or the requester's signed
+   evaluation on its holdout reaching the target) and a signed `JobDone`
+   carries the credits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import trio
+
+from consensus.agreement import compare_tensors
+from consensus.assignment import Candidate, choose_workers
+from consensus.voting import AddOutcome, CalculationVote, SignedResult, VoteState, WorkerLedger
+from ravenp2p.data.blobs import BlobError
+from ravenp2p.network.base import NetworkError, Stream
+from ravenp2p.network.framing import read_exactly, read_frame, write_frame
+from ravenp2p.node.node import Node, short
+from ravenp2p.roles.protocol import JOBS_TOPIC, RESULT_PROTOCOL, SUBMIT_PROTOCOL, job_topic
+from ravenp2p.training.compute import ModelRuntime, Trainer
+from ravenp2p.training.manifest import JobManifest, ManifestError
+from ravenp2p.training.models import build_model
+from ravenp2p.training.tensors import TensorFormatError, decode_tensors, digest_of, encode_tensors
+from ravenp2p.wire import WireError
+from ravenp2p.wire.job_messages import (
+    AcceptedCalculation,
+    Assignment,
+    CalculationOrder,
+    Evaluation,
+    JobAnnounce,
+    JobDone,
+    JobReceipt,
+    JobSubmit,
+    ResultAck,
+    ResultHeader,
+    RoundRecord,
+    WorkerCredit,
+)
+
+log = logging.getLogger("ravenp2p.master")
+
+CHECKPOINT_FILE = "checkpoint.msgpack"
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TIMINGS = 100_000
+
+
+class JobFailed(RuntimeError):
+    """A job could not go on (no workers, votes that never settle, ...)."""
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    """How a master runs jobs."""
+
+    result_deadline_s: float = 30.0
+    """A worker that has not delivered by then is replaced by another."""
+    max_extra_workers: int = 4
+    """Extra workers a calculation may get beyond R (disagreements, timeouts)."""
+    max_vote_attempts: int = 3
+    """A calculation whose vote fails this often ends the job."""
+    worker_wait_s: float = 60.0
+    """How long a job waits for enough eligible workers before it fails."""
+    max_queued_jobs: int = 16
+    threads: int = 1
+    """The pinned compute profile: torch threads per calculation."""
+    max_result_bytes: int = 512 * 1024 * 1024
+    mismatch_tolerance: int = 1
+
+    def __post_init__(self) -> None:
+        if self.result_deadline_s <= 0 or self.worker_wait_s <= 0:
+            raise ValueError("result_deadline_s and worker_wait_s must be positive")
+        if self.max_extra_workers < 0 or self.max_vote_attempts < 1:
+            raise ValueError("max_extra_workers must be >= 0 and max_vote_attempts >= 1")
+
+
+@dataclass
+class _Calculation:
+    order: CalculationOrder
+    vote: CalculationVote
+    attempt: int = 1
+    assigned: dict[str, float] = field(default_factory=dict)
+    """Worker -> time its order was sent; removed when its result arrives or it times out."""
+    answered: set[str] = field(default_factory=set)
+    headers: dict[str, bytes] = field(default_factory=dict)
+    """Worker -> the raw signed header it sent: kept as evidence."""
+    compute_ms: dict[str, float] = field(default_factory=dict)
+    timing: CalculationTiming | None = None
+    timed_out: set[str] = field(default_factory=set)
+    """Workers that missed their deadline: asked again only when nobody else is left."""
+    starved_since: float | None = None
+    """When the vote last needed workers that nobody could provide."""
+
+
+@dataclass
+class CalculationTiming:
+    """When a calculation was ordered and accepted, and what its workers spent computing."""
+
+    calc: int
+    opened_at: float
+    latency_s: float = 0.0
+    compute_s: float = 0.0
+    result_bytes: int = 0
+    accepted: bool = False
+
+
+@dataclass
+class JobStatus:
+    """What a master reports about one job."""
+
+    job_id: str
+    state: str = "queued"
+    round: int = 0
+    weights: str = ""
+    reason: str = ""
+    calculations_accepted: int = 0
+    results_rejected: int = 0
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class _JobRun:
+    """One job in progress at this master: the model, the optimizer, the votes, the ledger."""
+
+    def __init__(self, master: Master, manifest: JobManifest, status: JobStatus) -> None:
+        self.master = master
+        self.manifest = manifest
+        self.spec = manifest.spec
+        self.job_id = manifest.job_id
+        self.topic = job_topic(self.job_id)
+        self.status = status
+        self.runtime = ModelRuntime(self.spec.model, manifest.data, self.spec.loss)
+        self.trainer: Trainer | None = None
+        self.round = 0
+        self.weights_digest = manifest.initial_weights
+        self.next_calc = 0
+        self.calcs: dict[int, _Calculation] = {}
+        self.results: dict[str, dict[str, np.ndarray]] = {}
+        self.ledger = WorkerLedger(master.config.mismatch_tolerance)
+        self.credits: dict[str, int] = {}
+        self.mismatches: dict[str, int] = {}
+        self.excluded: set[str] = set()
+        self.rejected = 0
+        self.accepted_total = 0
+        self.target_round: tuple[int, str] | None = None
+        self.losses: dict[int, float] = {}
+        self.param_shapes: dict[str, tuple[int, ...]] = {}
+        self.optimizer_digest: str | None = None
+        self.changed = trio.Event()
+        self._agree_cache: dict[tuple[str, str], bool] = {}
+
+    # --- shards and seeds --------------------------------------------------------
+    def shard_for(self, calc: int) -> str:
+        """Shards are visited epoch by epoch in an order fixed by the job id."""
+        count = len(self.manifest.shards)
+        epoch, index = divmod(calc, count)
+        seed = int.from_bytes(hashlib.sha256(f"{self.job_id}:{epoch}".encode()).digest()[:8])
+        order = np.random.default_rng(seed).permutation(count)
+        return self.manifest.shards[int(order[index])].digest
+
+    def seed_for(self, calc: int) -> int:
+        digest = hashlib.sha256(f"{self.job_id}:calc:{calc}".encode()).digest()
+        return int.from_bytes(digest[:8]) >> 1
+
+    # --- agreement ---------------------------------------------------------------
+    def agree(self, a: str, b: str) -> bool:
+        if a == b:
+            return True
+        key = (a, b) if a < b else (b, a)
+        verdict = self._agree_cache.get(key)
+        if verdict is None:
+            verdict = compare_tensors(self.results[a], self.results[b]).agree
+            self._agree_cache[key] = verdict
+        return verdict
+
+    def forget_results(self) -> None:
+        """Drop a finished round's result tensors and the comparisons made between them."""
+        self.results = {}
+        self._agree_cache.clear()
+
+    def is_excluded(self, worker: str) -> bool:
+        return worker in self.excluded or self.ledger.excluded(worker)
+
+    def credit_rows(self) -> list[WorkerCredit]:
+        credits = dict(self.credits)
+        for worker, count in self.ledger.credits().items():
+            credits[worker] = credits.get(worker, 0) + count
+        mismatches = dict(self.mismatches)
+        for worker, record in self.ledger.records().items():
+            mismatches[worker] = mismatches.get(worker, 0) + record.mismatches
+        workers = sorted(set(credits) | set(mismatches) | self.excluded)
+        return [
+            WorkerCredit(
+                worker=w,
+                accepted=credits.get(w, 0),
+                mismatches=mismatches.get(w, 0),
+                excluded=self.is_excluded(w),
+            )
+            for w in workers
+        ]
+
+
+class Master:
+    """Runs submitted jobs on the workers this node knows; see the module docstring."""
+
+    def __init__(self, node: Node, config: MasterConfig | None = None) -> None:
+        self.node = node
+        self.config = config or MasterConfig()
+        self.jobs: dict[str, JobStatus] = {}
+        self._runs: dict[str, _JobRun] = {}
+        self._queue_send, self._queue_receive = trio.open_memory_channel[JobManifest](
+            self.config.max_queued_jobs
+        )
+        self._queued = 0
+        self.calculation_timings: list[CalculationTiming] = []
+        """The most recent calculations' timings (bounded), for operators and benchmarks."""
+
+    @property
+    def jobs_dir(self) -> Path:
+        return Path(self.node.config.data_dir) / "jobs"
+
+    # --- lifecycle ---------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[Master] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve submissions and results, resume checkpointed jobs, run the queue in order."""
+        network = self.node.network
+        network.set_request_handler(SUBMIT_PROTOCOL, self._serve_submit)
+        network.set_stream_handler(RESULT_PROTOCOL, self._serve_result)
+        async with trio.open_nursery() as nursery:
+            for manifest in self._checkpointed_jobs():
+                self._enqueue(manifest)
+            nursery.start_soon(self._run_queue)
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    def _enqueue(self, manifest: JobManifest) -> int:
+        job_id = manifest.job_id
+        self.jobs.setdefault(job_id, JobStatus(job_id))
+        self._queue_send.send_nowait(manifest)
+        self._queued += 1
+        return self._queued - 1
+
+    async def _run_queue(self) -> None:
+        async for manifest in self._queue_receive:
+            self._queued -= 1
+            status = self.jobs[manifest.job_id]
+            run = _JobRun(self, manifest, status)
+            self._runs[run.job_id] = run
+            try:
+                await self._run_job(run)
+            finally:
+                del self._runs[run.job_id]
+                status.done.set()
+
+    # --- the request queue -------------------------------------------------------
+    async def _serve_submit(self, peer: str, request: bytes) -> bytes:
+        envelope = self.node.codec.open(request, context=SUBMIT_PROTOCOL, from_peer=peer)
+        message = envelope.message
+        if not isinstance(message, JobSubmit):
+            raise WireError("type", f"expected {JobSubmit.TYPE}, got {message.TYPE}")
+        receipt = await self._admit(peer, message)
+        return self.node.codec.seal(receipt, context=SUBMIT_PROTOCOL)
+
+    async def _admit(self, requester: str, submit: JobSubmit) -> JobReceipt:
+        job_id = submit.manifest
+
+        def refuse(reason: str) -> JobReceipt:
+            log.warning("Refused job %s from %s: %s", short(job_id), short(requester), reason)
+            return JobReceipt(job=job_id, accepted=False, reason=reason)
+
+        if job_id in self.jobs:
+            status = self.jobs[job_id]
+            return JobReceipt(job=job_id, accepted=True, reason=f"already {status.state}")
+        if self._queued >= self.config.max_queued_jobs:
+            return refuse("the job queue is full; try again later")
+        try:
+            with trio.fail_after(30):
+                raw = await self.node.blobs.fetch(
+                    job_id, providers=[requester], size=submit.manifest_size
+                )
+            manifest = JobManifest.decode(raw)
+        except (BlobError, NetworkError, trio.TooSlowError) as exc:
+            return refuse(f"could not fetch the manifest from the requester: {exc}")
+        except ManifestError as exc:
+            return refuse(str(exc))
+        if manifest.requester != requester:
+            return refuse("manifest.requester: names another peer than the one submitting it")
+        try:
+            info = manifest.data
+            build_model(
+                manifest.spec.model, info.input_shape,
+                num_classes=info.num_classes, vocab_size=info.vocab_size,
+            )
+        except ValueError as exc:
+            return refuse(str(exc))
+        self.node.store.pin(job_id)
+        position = self._enqueue(manifest)
+        log.info(
+            "Accepted job %s (%s) from %s: %d shards, R=%d, up to %d rounds",
+            short(job_id), manifest.spec.name, short(requester), len(manifest.shards),
+            manifest.spec.redundancy, manifest.spec.stop.max_rounds,
+        )
+        return JobReceipt(job=job_id, accepted=True, queue_position=position)
+
+    # --- one job -------------------------------------------------------------------
+    async def _run_job(self, run: _JobRun) -> None:
+        run.status.state = "running"
+        topics = self.node.topics
+        channel = await topics.subscribe(run.topic)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_job_topic, run, channel)
+            try:
+                await self._prepare(run)
+                reason = await self._train_announced(run)
+                run.status.state = "done"
+            except JobFailed as exc:
+                log.error("Job %s failed: %s", short(run.job_id), exc)
+                run.status.state = "failed"
+                reason = f"failed: {exc}"
+            await self._finish(run, reason)
+            nursery.cancel_scope.cancel()
+
+    async def _train_announced(self, run: _JobRun) -> str:
+        """Announce the job to compute nodes, then train it to its stop condition."""
+        announce = JobAnnounce(
+            job=run.job_id,
+            requester=run.manifest.requester,
+            manifest_size=len(run.manifest.encode()),
+        )
+        await self.node.topics.publish(JOBS_TOPIC, announce)
+        return await self._train(run)
+
+    async def _prepare(self, run: _JobRun) -> None:
+        """Load the starting point: the last checkpoint, or the requester's initial weights."""
+        checkpoint = self._load_checkpoint(run.job_id)
+        providers = [run.manifest.requester]
+        if checkpoint is not None:
+            weights = await self._fetch_tensors(checkpoint["weights"], providers)
+            optimizer = await self._fetch_tensors(checkpoint["optimizer"], [])
+            run.trainer = Trainer(run.runtime, weights, run.spec.optimizer)
+            try:
+                run.trainer.load_optimizer_state(optimizer)
+            except ValueError as exc:
+                raise JobFailed(f"the checkpoint cannot be resumed: {exc}") from None
+            run.round = checkpoint["round"]
+            run.weights_digest = checkpoint["weights"]
+            run.next_calc = checkpoint["next_calc"]
+            run.credits = dict(checkpoint["credits"])
+            run.mismatches = dict(checkpoint["mismatches"])
+            run.excluded = set(checkpoint["excluded"])
+            run.rejected = checkpoint["rejected"]
+            run.accepted_total = checkpoint["accepted_total"]
+            run.status.evaluations = list(checkpoint["evaluations"])
+            log.info("Resuming job %s at round %d", short(run.job_id), run.round)
+        else:
+            weights = await self._fetch_tensors(run.manifest.initial_weights, providers)
+            run.trainer = Trainer(run.runtime, weights, run.spec.optimizer)
+        self.node.store.pin(run.weights_digest)
+        run.param_shapes = {name: a.shape for name, a in run.trainer.weights().items()}
+        run.status.round, run.status.weights = run.round, run.weights_digest
+
+    async def _fetch_tensors(self, digest: str, providers: list[str]) -> dict[str, np.ndarray]:
+        try:
+            with trio.fail_after(60):
+                raw = await self.node.blobs.fetch(digest, providers=providers)
+            return decode_tensors(raw)
+        except (BlobError, NetworkError, trio.TooSlowError, TensorFormatError) as exc:
+            raise JobFailed(f"could not load tensors {digest[:12]}: {exc}") from None
+
+    async def _train(self, run: _JobRun) -> str:
+        spec = run.spec
+        while True:
+            if run.target_round is not None:
+                target_round, weights = run.target_round
+                run.weights_digest = weights
+                return f"target reached at round {target_round}"
+            if run.round >= spec.stop.max_rounds:
+                return f"max_rounds ({spec.stop.max_rounds}) done"
+            await self._wait_for_workers(run)
+            await self._run_round(run)
+
+    def _candidates(self, run: _JobRun) -> dict[str, Candidate]:
+        """Consenting workers that lend a share, with their outstanding assignments."""
+        outstanding: dict[str, int] = {}
+        for calc in run.calcs.values():
+            for worker in calc.assigned:
+                outstanding[worker] = outstanding.get(worker, 0) + 1
+        connected = set(self.node.network.connected_peers())
+        candidates = {}
+        for peer_id, known in self.node.directory.items():
+            cap = known.capability
+            if cap is None or not cap.consent or cap.share < 1 or peer_id not in connected:
+                continue
+            if peer_id in (self.node.peer_id, run.manifest.requester) or run.is_excluded(peer_id):
+                continue
+            candidates[peer_id] = Candidate(cap.share, outstanding.get(peer_id, 0))
+        return candidates
+
+    async def _wait_for_workers(self, run: _JobRun) -> None:
+        needed = run.spec.redundancy
+        if len(self._candidates(run)) >= needed:
+            return
+        log.info("Job %s waits for %d eligible workers", short(run.job_id), needed)
+        with trio.move_on_after(self.config.worker_wait_s):
+            while len(self._candidates(run)) < needed:
+                # A new peer, or a re-check of connections and consent twice a second.
+                with trio.move_on_after(0.5):
+                    await self.node.wait_for_peers(len(self.node.directory) + 1)
+            return
+        raise JobFailed(
+            f"fewer than {needed} consenting workers available after "
+            f"{self.config.worker_wait_s:.0f} s (have {len(self._candidates(run))})"
+        )
+
+    def _new_calculation(self, run: _JobRun, calc_id: int, attempt: int = 1) -> _Calculation:
+        order = CalculationOrder(
+            calc=calc_id, round=run.round, kind=run.spec.calculation, weights=run.weights_digest,
+            shard=run.shard_for(calc_id), seed=run.seed_for(calc_id),
+            threads=self.config.threads, workers=(),
+            deadline_s=self.config.result_deadline_s,
+        )
+        max_results = run.spec.redundancy + self.config.max_extra_workers
+        vote = CalculationVote(run.spec.redundancy, max_results, run.agree)
+        timing = CalculationTiming(calc=calc_id, opened_at=trio.current_time())
+        self.calculation_timings.append(timing)
+        del self.calculation_timings[:-MAX_TIMINGS]
+        return _Calculation(order=order, vote=vote, attempt=attempt, timing=timing)
+
+    def _staff(self, run: _JobRun, calc: _Calculation, count: int) -> CalculationOrder | None:
+        """Assign `count` more workers to `calc`; the order to publish, or None if none free."""
+        used = set(calc.assigned) | calc.answered
+        salt = f"{run.job_id}:{calc.order.calc}:{calc.attempt}:{len(used)}".encode()
+        candidates = self._candidates(run)
+        chosen = choose_workers(candidates, count, salt, exclude=used | calc.timed_out)
+        if len(chosen) < count:  # a second chance for workers that were only late
+            chosen += choose_workers(candidates, count - len(chosen), salt,
+                                     exclude=used | set(chosen))
+        if not chosen:
+            return None
+        now = trio.current_time()
+        for worker in chosen:
+            calc.assigned[worker] = now
+        return dataclasses.replace(calc.order, workers=tuple(chosen))
+
+    async def _publish_orders(self, run: _JobRun, orders: list[CalculationOrder]) -> None:
+        if orders:
+            await self.node.topics.publish(
+                run.topic, Assignment(job=run.job_id, round=run.round, orders=tuple(orders))
+            )
+
+    async def _run_round(self, run: _JobRun) -> None:
+        spec = run.spec
+        run.calcs = {}
+        orders = []
+        for _ in range(spec.calculations_per_round):
+            calc = self._new_calculation(run, run.next_calc)
+            run.next_calc += 1
+            run.calcs[calc.order.calc] = calc
+            order = self._staff(run, calc, spec.redundancy)
+            if order is not None:
+                orders.append(order)
+        started = trio.current_time()
+        await self._publish_orders(run, orders)
+        published = trio.current_time()
+        await self._collect(run)
+        collected = trio.current_time()
+        await self._close_round(run)
+        log.debug(
+            "Round %d: orders out in %.1f ms, results in %.1f ms, closed in %.1f ms",
+            run.round - 1, 1000 * (published - started), 1000 * (collected - published),
+            1000 * (trio.current_time() - collected),
+        )
+
+    async def _collect(self, run: _JobRun) -> None:
+        """Wait until every calculation of the round is accepted, staffing as needed."""
+        deadline_s = self.config.result_deadline_s
+        while True:
+            now = trio.current_time()
+            orders = []
+            pending = False
+            for calc_id, calc in list(run.calcs.items()):
+                vote = calc.vote
+                if vote.state is VoteState.FAILED:
+                    self._record_vote(run, vote)
+                    if calc.attempt >= self.config.max_vote_attempts:
+                        raise JobFailed(f"the vote on calculation {calc_id} failed "
+                                        f"{calc.attempt} times")
+                    log.warning("Vote on calculation %d failed; computing it again", calc_id)
+                    calc = run.calcs[calc_id] = self._new_calculation(
+                        run, calc_id, attempt=calc.attempt + 1
+                    )
+                    vote = calc.vote
+                if vote.state is VoteState.ACCEPTED:
+                    continue
+                pending = True
+                for worker, sent in list(calc.assigned.items()):
+                    if now - sent > deadline_s:
+                        log.info("Worker %s missed the deadline of calculation %d; replacing it",
+                                 short(worker), calc_id)
+                        del calc.assigned[worker]
+                        calc.timed_out.add(worker)
+                extra = vote.more_needed(len(calc.assigned))
+                order = self._staff(run, calc, extra) if extra else None
+                if order is not None:
+                    orders.append(order)
+                    calc.starved_since = None
+                elif extra and not calc.assigned:
+                    calc.starved_since = calc.starved_since or now
+                    if now - calc.starved_since > self.config.worker_wait_s:
+                        raise JobFailed(
+                            f"calculation {calc_id} needs {extra} more workers and no eligible "
+                            f"worker is left ({len(calc.answered)} have answered)"
+                        )
+            if not pending:
+                return
+            await self._publish_orders(run, orders)
+            next_deadline = min(
+                (sent + deadline_s for c in run.calcs.values() for sent in c.assigned.values()),
+                default=now + 1.0,
+            )
+            with trio.move_on_after(max(0.05, min(next_deadline - now, 1.0))):
+                await run.changed.wait()
+            run.changed = trio.Event()
+
+    def _record_vote(self, run: _JobRun, vote: CalculationVote) -> None:
+        run.ledger.record(vote)
+        run.rejected += len(vote.mismatches)
+
+    async def _close_round(self, run: _JobRun) -> None:
+        accepted = []
+        gradients = []
+        for calc_id in sorted(run.calcs):
+            calc = run.calcs[calc_id]
+            self._record_vote(run, calc.vote)
+            digest = calc.vote.accepted_digest
+            assert digest is not None
+            gradients.append(run.results[digest])
+            accepted.append(AcceptedCalculation(
+                calc=calc_id, shard=calc.order.shard, result=digest,
+                workers=tuple(r.worker for r in calc.vote.accepted),
+            ))
+        trainer = run.trainer
+        assert trainer is not None
+        update = trainer.apply_changes if run.spec.calculation == "local_steps" else trainer.step
+        weights = await trio.to_thread.run_sync(update, gradients)
+        raw = encode_tensors(weights)
+        previous = run.weights_digest
+        digest = self.node.store.put(raw)
+        self.node.store.pin(digest)
+        run.weights_digest = digest
+        run.accepted_total += len(accepted)
+        finished_round = run.round
+        run.round += 1
+        losses = [run.losses.pop(a.calc, 0.0) for a in accepted]
+        record = RoundRecord(
+            job=run.job_id, round=finished_round, previous_weights=previous, weights=digest,
+            accepted=tuple(accepted), train_loss=float(np.mean(losses)) if losses else 0.0,
+        )
+        await self.node.topics.publish(run.topic, record)
+        self._checkpoint(run)
+        if previous != run.manifest.initial_weights:
+            self.node.store.unpin(previous)
+        run.forget_results()
+        run.status.round, run.status.weights = run.round, digest
+        run.status.calculations_accepted = run.accepted_total
+        run.status.results_rejected = run.rejected
+        log.info("Job %s round %d done: loss %.4f, weights %s", short(run.job_id),
+                 finished_round, record.train_loss, digest[:12])
+
+    # --- results -------------------------------------------------------------------
+    async def _serve_result(self, stream: Stream) -> None:
+        worker = stream.remote_peer
+        try:
+            with trio.fail_after(self.config.result_deadline_s * 2):
+                raw_header = await read_frame(stream, MAX_HEADER_BYTES)
+                envelope = self.node.codec.open(raw_header, context=RESULT_PROTOCOL,
+                                                from_peer=worker)
+                header = envelope.message
+                if not isinstance(header, ResultHeader):
+                    raise WireError("type", f"expected {ResultHeader.TYPE}")
+                reason = self._check_header(worker, header)
+                if reason:
+                    ack = ResultAck(calc=header.calc, taken=False, reason=reason)
+                else:
+                    body = await read_exactly(stream, header.size)
+                    ack = self._take_result(worker, header, raw_header, body)
+                await write_frame(stream, self.node.codec.seal(ack, context=RESULT_PROTOCOL))
+        except (WireError, NetworkError, trio.TooSlowError) as exc:
+            log.warning("Dropped a result stream from %s: %s", short(worker), exc)
+
+    def _check_header(self, worker: str, header: ResultHeader) -> str:
+        run = self._runs.get(header.job)
+        if run is None:
+            return "this master runs no such job"
+        calc = run.calcs.get(header.calc)
+        if calc is None or header.round != run.round:
+            return f"calculation {header.calc} of round {header.round} is not open"
+        if worker not in calc.assigned and worker not in calc.answered | calc.timed_out:
+            return f"calculation {header.calc} was not assigned to this worker"
+        if header.size > self.config.max_result_bytes:
+            return f"result of {header.size} bytes exceeds {self.config.max_result_bytes}"
+        return ""
+
+    def _take_result(
+        self, worker: str, header: ResultHeader, raw_header: bytes, body: bytes
+    ) -> ResultAck:
+        run = self._runs.get(header.job)
+        calc = run.calcs.get(header.calc) if run else None
+        if run is None or calc is None:
+            return ResultAck(calc=header.calc, taken=False, reason="the calculation closed")
+        if digest_of(body) != header.digest:
+            run.rejected += 1
+            return ResultAck(calc=header.calc, taken=False, reason="bytes do not match the digest")
+        try:
+            tensors = decode_tensors(body)
+            _check_gradient_shapes(tensors, run.param_shapes)
+        except (TensorFormatError, ValueError) as exc:
+            run.rejected += 1
+            return ResultAck(calc=header.calc, taken=False, reason=f"unusable result: {exc}")
+        run.results.setdefault(header.digest, tensors)
+        outcome = calc.vote.add(SignedResult(worker=worker, digest=header.digest))
+        calc.assigned.pop(worker, None)
+        calc.answered.add(worker)
+        calc.headers.setdefault(worker, raw_header)
+        calc.compute_ms[worker] = header.compute_ms
+        timing = calc.timing
+        if timing is not None:
+            timing.result_bytes += len(body)
+            if calc.vote.state is VoteState.ACCEPTED and not timing.accepted:
+                timing.accepted = True
+                timing.latency_s = trio.current_time() - timing.opened_at
+                credited = [calc.compute_ms.get(r.worker, 0.0) for r in calc.vote.accepted]
+                timing.compute_s = max(credited) / 1000
+        if outcome is AddOutcome.COUNTED:
+            run.losses[header.calc] = header.loss
+        elif outcome in (AddOutcome.EQUIVOCATION, AddOutcome.AFTER_FAILURE):
+            run.rejected += 1  # contradicting results are counted with the vote's mismatches
+        run.ledger.record(calc.vote)
+        run.changed.set()
+        return ResultAck(calc=header.calc, taken=True, reason=outcome.name.lower())
+
+    # --- evaluations and the end of a job ----------------------------------------------
+    async def _read_job_topic(self, run: _JobRun, channel: trio.MemoryReceiveChannel[Any]) -> None:
+        async for envelope in channel:
+            message = envelope.message
+            if not isinstance(message, Evaluation) or message.job != run.job_id:
+                continue
+            if envelope.sender != run.manifest.requester:
+                log.warning("Ignored an evaluation of job %s not signed by its requester",
+                            short(run.job_id))
+                continue
+            row = {"round": message.round, "weights": message.weights, "loss": message.loss,
+                   "accuracy": message.accuracy, "samples": message.samples}
+            run.status.evaluations.append(row)
+            if run.target_round is None and _target_met(run, message):
+                run.target_round = (message.round, message.weights)
+                run.changed.set()
+
+    async def _finish(self, run: _JobRun, reason: str) -> None:
+        done = JobDone(
+            job=run.job_id, rounds=run.round, weights=run.weights_digest, reason=reason[:256],
+            calculations_accepted=run.accepted_total, results_rejected=run.rejected,
+            credits=tuple(run.credit_rows()),
+        )
+        run.status.reason = reason
+        try:
+            await self.node.topics.publish(run.topic, done)
+        except (NetworkError, WireError) as exc:
+            log.warning("Could not publish the end of job %s: %s", short(run.job_id), exc)
+        self._checkpoint(run, finished=True)
+        log.info("Job %s finished after %d rounds: %s", short(run.job_id), run.round, reason)
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def _checkpoint(self, run: _JobRun, finished: bool = False) -> None:
+        trainer = run.trainer
+        if trainer is None:
+            return
+        optimizer_digest = self.node.store.put(encode_tensors(trainer.optimizer_state()))
+        self.node.store.pin(optimizer_digest)
+        rows = run.credit_rows()
+        credits = {row.worker: row.accepted for row in rows}
+        mismatches = {row.worker: row.mismatches for row in rows}
+        state = {
+            "job": run.job_id, "manifest": run.job_id, "round": run.round,
+            "weights": run.weights_digest, "optimizer": optimizer_digest,
+            "next_calc": run.next_calc, "credits": credits, "mismatches": mismatches,
+            "excluded": sorted(row.worker for row in rows if row.excluded),
+            "rejected": run.rejected, "accepted_total": run.accepted_total,
+            "evaluations": run.status.evaluations, "finished": finished,
+        }
+        folder = self.jobs_dir / run.job_id
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = folder / CHECKPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(msgpack.packb(state, use_bin_type=True))
+        os.replace(tmp, path)
+        previous = run.optimizer_digest
+        if previous and previous != optimizer_digest:
+            self.node.store.unpin(previous)
+        run.optimizer_digest = optimizer_digest
+
+    def _load_checkpoint(self, job_id: str) -> dict[str, Any] | None:
+        path = self.jobs_dir / job_id / CHECKPOINT_FILE
+        try:
+            state = msgpack.unpackb(path.read_bytes(), raw=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("Ignoring an unreadable checkpoint %s: %s", path, exc)
+            return None
+        return state if isinstance(state, dict) and state.get("job") == job_id else None
+
+    def _checkpointed_jobs(self) -> list[JobManifest]:
+        """Manifests of jobs that were running when this master last stopped."""
+        manifests = []
+        if not self.jobs_dir.is_dir():
+            return manifests
+        for folder in sorted(self.jobs_dir.iterdir()):
+            state = self._load_checkpoint(folder.name)
+            if state is None or state.get("finished"):
+                continue
+            raw = self.node.store.get(folder.name)
+            if raw is None:
+                continue
+            try:
+                manifests.append(JobManifest.decode(raw))
+            except ManifestError as exc:
+                log.warning("Cannot resume job %s: %s", short(folder.name), exc)
+        return manifests
+
+
+def _check_gradient_shapes(
+    gradient: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    """A gradient names every parameter once, with its shape, in float32."""
+    missing = sorted(set(shapes) - set(gradient))
+    if missing:
+        raise ValueError(f"tensor {missing[0]!r} is missing")
+    for name, array in gradient.items():
+        shape = shapes.get(name)
+        if shape is None:
+            raise ValueError(f"tensor {name!r} is not a parameter of the model")
+        if array.shape != shape or array.dtype != np.float32:
+            raise ValueError(f"tensor {name!r}: expected float32 {shape}, got "
+                             f"{array.dtype} {array.shape}")
+
+
+def _target_met(run: _JobRun, evaluation: Evaluation) -> bool:
+    stop = run.spec.stop
+    accuracy = evaluation.accuracy
+    if stop.target_accuracy is not None and accuracy is not None:
+        return accuracy >= stop.target_accuracy
+    return stop.target_loss is not None and evaluation.loss <= stop.target_loss

@@ -1,0 +1,285 @@
+"""The requester: turns a job spec and a dataset into a job, and follows it to the end.
+
+It is the whitepaper's data repository for its own job: it loads the dataset,
+keeps the holdout split to itself, cuts the training split into
+content-addressed shards, stores and announces them (and the initial weights
+and the manifest) so workers can fetch them from it or from each other, and
+submits the job to a master. While the job runs it scores round records on the
+holdout (every `evaluate_every` rounds, always the newest) and publishes signed
+evaluations, which is how the master learns that a target was reached.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import trio
+
+from ravenp2p.data.blobs import BlobError
+from ravenp2p.data.store import chunk_digests
+from ravenp2p.network.base import NetworkError
+from ravenp2p.node.node import Node, short
+from ravenp2p.roles.protocol import SUBMIT_PROTOCOL, job_topic
+from ravenp2p.training.compute import Evaluation as Score
+from ravenp2p.training.compute import ModelRuntime
+from ravenp2p.training.datasets import DataInfo, Split, cut_shards, load_dataset
+from ravenp2p.training.manifest import JobManifest, ShardRef
+from ravenp2p.training.selector import resolve_model
+from ravenp2p.training.spec import JobSpec
+from ravenp2p.training.tensors import decode_tensors, digest_of, encode_tensors
+from ravenp2p.wire import WireError
+from ravenp2p.wire.job_messages import Evaluation, JobDone, JobReceipt, JobSubmit, RoundRecord
+
+log = logging.getLogger("ravenp2p.requester")
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+ROUND_RECORD_GRACE_S = 15.0
+"""How long the requester waits, after the end of a job, for round records gossip missed."""
+
+
+class JobRefused(RuntimeError):
+    """The master refused the job; the message carries its reason."""
+
+
+@dataclass
+class JobResult:
+    """How a job ended, as the requester saw it."""
+
+    job_id: str
+    done: JobDone
+    weights: dict[str, np.ndarray]
+    evaluation: Score
+    evaluations: list[dict[str, Any]]
+    seconds: float
+
+
+@dataclass
+class JobHandle:
+    """A submitted job: its manifest, its progress, and its end."""
+
+    manifest: JobManifest
+    master: str
+    holdout: Split
+    runtime: ModelRuntime
+    submitted_at: float
+    rounds: list[RoundRecord] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    result: JobResult | None = None
+    finished: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def job_id(self) -> str:
+        return self.manifest.job_id
+
+    async def wait(self, timeout: float) -> JobResult:
+        """The job's result, once its master declares it done (TooSlowError after `timeout`)."""
+        with trio.fail_after(timeout):
+            await self.finished.wait()
+        assert self.result is not None
+        return self.result
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job cut into blobs, ready to submit: manifest, holdout and the blobs it references."""
+
+    manifest: JobManifest
+    info: DataInfo
+    holdout: Split
+    blobs: dict[str, bytes]
+
+
+def prepare_job(spec: JobSpec, requester: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> PreparedJob:
+    """Load the data, pick the model when `auto`, cut shards, make the initial weights.
+
+    CPU-bound and blocking: call it in a worker thread.
+    """
+    info, train, holdout = load_dataset(spec.dataset)
+    spec = resolve_model(
+        spec, info.kind, info.input_shape,
+        num_classes=info.num_classes, vocab_size=info.vocab_size,
+    )
+    runtime = ModelRuntime(spec.model, info, spec.loss)
+    blobs: dict[str, bytes] = {}
+    shards = []
+    for raw in cut_shards(train, spec.samples_per_calculation):
+        digest = digest_of(raw)
+        if digest in blobs:
+            continue
+        blobs[digest] = raw
+        shards.append(ShardRef(digest, len(raw), tuple(chunk_digests(raw, chunk_size))))
+    weights = encode_tensors(runtime.initial_weights(spec.seed))
+    weights_digest = digest_of(weights)
+    blobs[weights_digest] = weights
+    manifest = JobManifest(
+        spec=spec, data=info, shards=tuple(shards), initial_weights=weights_digest,
+        requester=requester, holdout_samples=len(holdout.targets), chunk_size=chunk_size,
+        created_ms=int(time.time() * 1000),
+    )
+    blobs[manifest.job_id] = manifest.encode()
+    return PreparedJob(manifest, info, holdout, blobs)
+
+
+class Requester:
+    """Submits jobs from this node and follows them; start `run` in a nursery first."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.jobs: dict[str, JobHandle] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Requester] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the tasks that follow submitted jobs, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    async def submit(self, spec: JobSpec, master: str, timeout: float = 60.0) -> JobHandle:
+        """Prepare the job, publish its blobs, and hand it to `master`.
+
+        Raises `JobRefused` with the master's reason, `NetworkError` when the
+        master cannot be reached.
+        """
+        if self._nursery is None:
+            raise RuntimeError("Requester.run must be started before submitting")
+        prepared = await trio.to_thread.run_sync(prepare_job, spec, self.node.peer_id)
+        return await self.submit_prepared(prepared, master, timeout)
+
+    async def submit_prepared(
+        self, prepared: PreparedJob, master: str, timeout: float = 60.0
+    ) -> JobHandle:
+        """Hand an already prepared job to `master` (see `submit`)."""
+        if self._nursery is None:
+            raise RuntimeError("Requester.run must be started before submitting")
+        manifest = prepared.manifest
+        store = self.node.store
+        for digest, raw in prepared.blobs.items():
+            store.put_verified(digest, raw)
+            store.pin(digest)
+        handle = JobHandle(
+            manifest=manifest, master=master, holdout=prepared.holdout,
+            runtime=ModelRuntime(manifest.spec.model, manifest.data, manifest.spec.loss),
+            submitted_at=trio.current_time(),
+        )
+        self.jobs[manifest.job_id] = handle
+        channel = await self.node.topics.subscribe(job_topic(manifest.job_id))
+        self._nursery.start_soon(self._follow, handle, channel)
+        self._nursery.start_soon(self._announce_blobs, list(prepared.blobs))
+        request = JobSubmit(manifest=manifest.job_id, manifest_size=len(manifest.encode()))
+        raw = self.node.codec.seal(request, context=SUBMIT_PROTOCOL)
+        with trio.fail_after(timeout):
+            reply = await self.node.network.request(master, SUBMIT_PROTOCOL, raw, timeout=timeout)
+        receipt = self.node.codec.open(reply, context=SUBMIT_PROTOCOL, from_peer=master).message
+        if not isinstance(receipt, JobReceipt) or receipt.job != manifest.job_id:
+            raise WireError("type", "the master answered the submission with something else")
+        if not receipt.accepted:
+            del self.jobs[manifest.job_id]
+            channel.close()
+            raise JobRefused(receipt.reason)
+        log.info("Job %s (%s) accepted by %s", short(manifest.job_id), manifest.spec.name,
+                 short(master))
+        return handle
+
+    async def _announce_blobs(self, digests: list[str]) -> None:
+        for digest in digests:
+            await self.node.blobs.announce(digest)
+
+    async def _follow(self, handle: JobHandle, channel: trio.MemoryReceiveChannel[Any]) -> None:
+        """Read the job topic: score round records, collect the end of the job."""
+        evaluate_every = handle.manifest.spec.stop.evaluate_every
+        latest: list[RoundRecord] = []
+        wake = trio.Event()
+
+        async def evaluator() -> None:
+            nonlocal wake
+            while True:
+                await wake.wait()
+                wake = trio.Event()
+                if latest:
+                    record = latest.pop()
+                    latest.clear()
+                    await self._evaluate(handle, record)
+
+        done: JobDone | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(evaluator)
+            async for envelope in channel:
+                message = envelope.message
+                if envelope.sender != handle.master:
+                    continue
+                if isinstance(message, RoundRecord) and message.job == handle.job_id:
+                    handle.rounds.append(message)
+                    if (message.round + 1) % evaluate_every == 0:
+                        latest.append(message)
+                        wake.set()
+                elif isinstance(message, JobDone) and message.job == handle.job_id:
+                    done = message
+                    break
+            if done is not None:
+                await self._collect_missing_rounds(handle, channel, done.rounds)
+            nursery.cancel_scope.cancel()
+        channel.close()
+        if done is not None:
+            await self._conclude(handle, done)
+
+    async def _collect_missing_rounds(
+        self, handle: JobHandle, channel: trio.MemoryReceiveChannel[Any], rounds: int
+    ) -> None:
+        """Gossip may deliver the end before some round records; resync brings them (bounded)."""
+        with trio.move_on_after(ROUND_RECORD_GRACE_S):
+            while {r.round for r in handle.rounds} < set(range(rounds)):
+                envelope = await channel.receive()
+                message = envelope.message
+                if (envelope.sender == handle.master and isinstance(message, RoundRecord)
+                        and message.job == handle.job_id):
+                    handle.rounds.append(message)
+        handle.rounds.sort(key=lambda record: record.round)
+
+    async def _scored(self, handle: JobHandle, digest: str) -> tuple[dict[str, np.ndarray], Score]:
+        raw = await self.node.blobs.fetch(
+            digest, providers=[handle.master], timeout=60, announce=False
+        )
+        weights = decode_tensors(raw)
+        score = await trio.to_thread.run_sync(handle.runtime.evaluate, weights, handle.holdout)
+        return weights, score
+
+    async def _evaluate(self, handle: JobHandle, record: RoundRecord) -> None:
+        try:
+            _, score = await self._scored(handle, record.weights)
+        except (BlobError, NetworkError, trio.TooSlowError, ValueError) as exc:
+            log.warning("Could not score round %d: %s", record.round, exc)
+            return
+        row = {"round": record.round, "weights": record.weights, "loss": score.loss,
+               "accuracy": score.accuracy, "seconds": trio.current_time() - handle.submitted_at}
+        handle.evaluations.append(row)
+        log.info("Round %d on the holdout: accuracy %s, loss %.4f", record.round,
+                 "n/a" if score.accuracy is None else f"{score.accuracy:.4f}", score.loss)
+        message = Evaluation(
+            job=handle.job_id, round=record.round, weights=record.weights,
+            loss=score.loss if np.isfinite(score.loss) else 1e30,
+            accuracy=score.accuracy, samples=score.samples,
+        )
+        await self.node.topics.publish(job_topic(handle.job_id), message)
+
+    async def _conclude(self, handle: JobHandle, done: JobDone) -> None:
+        try:
+            weights, score = await self._scored(handle, done.weights)
+        except (BlobError, NetworkError, trio.TooSlowError, ValueError) as exc:
+            log.error("Could not fetch the final weights of job %s: %s", short(handle.job_id), exc)
+            weights, score = {}, Score(accuracy=None, loss=float("nan"), samples=0)
+        handle.result = JobResult(
+            job_id=handle.job_id, done=done, weights=weights, evaluation=score,
+            evaluations=handle.evaluations,
+            seconds=trio.current_time() - handle.submitted_at,
+        )
+        handle.finished.set()

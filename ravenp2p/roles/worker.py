@@ -1,0 +1,329 @@
+"""The worker (the whitepaper's compute node).
+
+It computes nothing unless its operator consented (`--i-consent` or
+`consent = true`); without consent the node still joins the network and says
+in its log why it declines each job. With consent it listens for jobs, fetches
+each job's manifest, and for every calculation assigned to it: waits for a
+token of its throttle (2 calculations/s per percent lent), fetches weights and
+shard by digest (cached; the shard fetch starts as soon as the order arrives),
+computes the gradient with the pinned profile in a worker thread, signs
+(job, calculation, digest) with its node key and streams the result to the
+master.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import trio
+
+from ravenp2p.data.blobs import BlobError
+from ravenp2p.network.base import NetworkError
+from ravenp2p.network.framing import read_frame, write_frame
+from ravenp2p.node.node import Node, short
+from ravenp2p.roles.protocol import JOBS_TOPIC, RESULT_PROTOCOL, job_topic
+from ravenp2p.roles.throttle import TokenBucket, calculation_rate
+from ravenp2p.training.compute import ComputeProfile, ModelRuntime
+from ravenp2p.training.datasets import DatasetError, Split, read_shard
+from ravenp2p.training.manifest import JobManifest, ManifestError
+from ravenp2p.training.tensors import TensorFormatError, decode_tensors, digest_of, encode_tensors
+from ravenp2p.wire import WireError
+from ravenp2p.wire.job_messages import (
+    Assignment,
+    CalculationOrder,
+    JobAnnounce,
+    JobDone,
+    ResultAck,
+    ResultHeader,
+)
+
+log = logging.getLogger("ravenp2p.worker")
+
+DELIVERY_ATTEMPTS = 3
+
+Tensors = dict[str, np.ndarray]
+ResultTamperer = Callable[[CalculationOrder, Tensors], Tensors]
+"""Fault injection for devnets and simulations: rewrites a computed gradient before it is signed."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Limits of a compute node."""
+
+    max_threads: int = 1
+    """Upper bound on torch threads per calculation; orders asking for more are declined."""
+    fetch_timeout_s: float = 60.0
+    submit_timeout_s: float = 60.0
+    cached_weights: int = 4
+    cached_shards: int = 256
+    max_jobs: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_threads < 1:
+            raise ValueError("max_threads must be at least 1")
+
+
+@dataclass
+class WorkerStats:
+    """What a worker did, for its operator."""
+
+    computed: int = 0
+    delivered: int = 0
+    refused: int = 0
+    declined_jobs: int = 0
+    throttled_s: float = 0.0
+    compute_s: float = 0.0
+
+
+class _LRU:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+class _JobContext:
+    def __init__(self, manifest: JobManifest, master: str) -> None:
+        self.manifest = manifest
+        self.master = master
+        self.runtime = ModelRuntime(manifest.spec.model, manifest.data, manifest.spec.loss)
+        self.scope = trio.CancelScope()
+
+
+class Worker:
+    """A compute node's role; see the module docstring."""
+
+    def __init__(
+        self,
+        node: Node,
+        config: WorkerConfig | None = None,
+        tamper: ResultTamperer | None = None,
+    ) -> None:
+        self.node = node
+        self.config = config or WorkerConfig()
+        self.tamper = tamper
+        self.stats = WorkerStats()
+        self._jobs: dict[str, _JobContext] = {}
+        self._weights = _LRU(self.config.cached_weights)
+        self._shards = _LRU(self.config.cached_shards)
+        self._compute_slot = trio.CapacityLimiter(1)
+        share = node.config.share
+        rate = calculation_rate(share) if share else 1.0
+        self._bucket = TokenBucket(rate, burst=max(1.0, rate), clock=node.clock)
+
+    @property
+    def consented(self) -> bool:
+        return self.node.config.consent and self.node.config.share > 0
+
+    async def run(self, *, task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen for jobs until cancelled."""
+        channel = await self.node.topics.subscribe(JOBS_TOPIC)
+        if self.consented:
+            log.info(
+                "Worker ready: up to %.0f calculations/s (%d%% of the %s), %d thread(s)",
+                self._bucket.rate, self.node.config.share, self.node.config.device,
+                self.config.max_threads,
+            )
+        async with trio.open_nursery() as nursery:
+            task_status.started(self)
+            async for envelope in channel:
+                message = envelope.message
+                if not isinstance(message, JobAnnounce) or message.job in self._jobs:
+                    continue
+                if not self.consented:
+                    self.stats.declined_jobs += 1
+                    why = ("the operator has not consented (start with --i-consent)"
+                           if not self.node.config.consent else "the share is 0%")
+                    log.info("Declining job %s: %s", short(message.job), why)
+                    continue
+                if len(self._jobs) >= self.config.max_jobs:
+                    log.info("Declining job %s: already in %d jobs", short(message.job),
+                             len(self._jobs))
+                    continue
+                nursery.start_soon(self._join_job, message, envelope.sender)
+
+    async def _join_job(self, announce: JobAnnounce, master: str) -> None:
+        job_id = announce.job
+        try:
+            with trio.fail_after(self.config.fetch_timeout_s):
+                raw = await self.node.blobs.fetch(
+                    job_id, providers=[master, announce.requester], size=announce.manifest_size
+                )
+            manifest = JobManifest.decode(raw)
+            context = _JobContext(manifest, master)
+        except (BlobError, NetworkError, trio.TooSlowError, ManifestError, ValueError) as exc:
+            log.warning("Cannot take part in job %s: %s", short(job_id), exc)
+            return
+        self._jobs[job_id] = context
+        log.info("Joined job %s (%s) run by %s", short(job_id), manifest.spec.name, short(master))
+        try:
+            channel = await self.node.topics.subscribe(job_topic(job_id))
+            with context.scope:
+                async with trio.open_nursery() as nursery:
+                    async for envelope in channel:
+                        message = envelope.message
+                        if envelope.sender != master:
+                            continue
+                        if isinstance(message, JobDone) and message.job == job_id:
+                            log.info("Job %s is done: %s", short(job_id), message.reason)
+                            nursery.cancel_scope.cancel()
+                        elif isinstance(message, Assignment) and message.job == job_id:
+                            for order in message.orders:
+                                if self.node.peer_id in order.workers:
+                                    nursery.start_soon(self._calculate, context, order)
+        finally:
+            del self._jobs[job_id]
+            channel.close()
+
+    async def _calculate(self, context: _JobContext, order: CalculationOrder) -> None:
+        job_id = context.manifest.job_id
+        if order.threads > self.config.max_threads:
+            log.info("Declining calculation %d: it asks for %d threads, this node allows %d",
+                     order.calc, order.threads, self.config.max_threads)
+            return
+        try:
+            received = time.perf_counter()
+            with trio.fail_after(self.config.fetch_timeout_s + order.deadline_s):
+                weights, shard = await self._inputs(context, order)
+                fetched = time.perf_counter()
+                self.stats.throttled_s += await self._bucket.acquire()
+                async with self._compute_slot:
+                    started = time.perf_counter()
+                    gradient, loss = await trio.to_thread.run_sync(
+                        self._compute, context, weights, shard, order
+                    )
+                    compute_s = time.perf_counter() - started
+            self.stats.computed += 1
+            self.stats.compute_s += compute_s
+        except (BlobError, NetworkError, DatasetError, TensorFormatError, ValueError) as exc:
+            log.warning("Calculation %d of job %s failed: %s", order.calc, short(job_id), exc)
+            return
+        except trio.TooSlowError:
+            log.warning("Calculation %d of job %s timed out", order.calc, short(job_id))
+            return
+        if self.tamper is not None:
+            gradient = self.tamper(order, gradient)
+        body = encode_tensors(gradient)
+        header = ResultHeader(
+            job=job_id, calc=order.calc, round=order.round, digest=digest_of(body),
+            size=len(body), loss=loss if np.isfinite(loss) else 0.0,
+            compute_ms=round(compute_s * 1000, 3),
+        )
+        before_delivery = time.perf_counter()
+        await self._deliver(context, header, body)
+        log.debug(
+            "Calculation %d: fetch %.1f ms, compute %.1f ms, delivery %.1f ms", order.calc,
+            1000 * (fetched - received), 1000 * compute_s,
+            1000 * (time.perf_counter() - before_delivery),
+        )
+
+    def _compute(
+        self, context: _JobContext, weights: Tensors, shard: Split, order: CalculationOrder
+    ) -> tuple[Tensors, float]:
+        profile = ComputeProfile(threads=order.threads)
+        runtime = context.runtime
+        spec = context.manifest.spec
+        if order.kind != spec.calculation:
+            raise ValueError(f"order kind {order.kind!r} is not the job's {spec.calculation!r}")
+        if order.kind == "local_steps":
+            result = runtime.local_steps(
+                weights, shard, optimizer=spec.optimizer, batch_size=spec.batch_size,
+                seed=order.seed, profile=profile,
+            )
+        else:
+            result = runtime.gradient(weights, shard, seed=order.seed, profile=profile)
+        return result, runtime.last_loss
+
+    async def _deliver(self, context: _JobContext, header: ResultHeader, body: bytes) -> None:
+        raw = self.node.codec.seal(header, context=RESULT_PROTOCOL)
+        reply = b""
+        with trio.move_on_after(self.config.submit_timeout_s):
+            for attempt in range(DELIVERY_ATTEMPTS):
+                try:
+                    stream = await self.node.network.open_bulk_stream(
+                        context.master, RESULT_PROTOCOL
+                    )
+                    try:
+                        await write_frame(stream, raw)
+                        await stream.write(body)
+                        reply = await read_frame(stream, 64 * 1024)
+                    finally:
+                        await stream.close()
+                    break
+                except NetworkError as exc:
+                    log.info("Delivering calculation %d failed (%s); attempt %d of %d",
+                             header.calc, exc, attempt + 1, DELIVERY_ATTEMPTS)
+                    await trio.sleep(0.5 * 2**attempt)
+        try:
+            ack = self.node.codec.open(reply, context=RESULT_PROTOCOL,
+                                       from_peer=context.master).message
+        except WireError as exc:
+            log.warning("Could not deliver calculation %d to the master: %s", header.calc, exc)
+            return
+        if not isinstance(ack, ResultAck) or not ack.taken:
+            self.stats.refused += 1
+            reason = ack.reason if isinstance(ack, ResultAck) else "an unexpected reply"
+            log.info("The master refused calculation %d: %s", header.calc, reason)
+            return
+        self.stats.delivered += 1
+
+    async def _inputs(
+        self, context: _JobContext, order: CalculationOrder
+    ) -> tuple[Tensors, Split]:
+        """Weights and shard of an order, fetched side by side."""
+        got: dict[str, Any] = {}
+        errors: list[Exception] = []
+
+        async def load(name: str, fetch: Callable[[], Awaitable[Any]]) -> None:
+            try:
+                got[name] = await fetch()
+            except Exception as exc:  # re-raised below, outside the nursery's group
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load, "shard", lambda: self._shard(context, order.shard))
+            nursery.start_soon(load, "weights", lambda: self._load_weights(context, order.weights))
+        if errors:
+            raise errors[0]
+        return got["weights"], got["shard"]
+
+    async def _load_weights(self, context: _JobContext, digest: str) -> Tensors:
+        cached = self._weights.get(digest)
+        if cached is not None:
+            return cached
+        raw = await self.node.blobs.fetch(digest, providers=[context.master], announce=False)
+        tensors = decode_tensors(raw)
+        self._weights.put(digest, tensors)
+        return tensors
+
+    async def _shard(self, context: _JobContext, digest: str) -> Split:
+        cached = self._shards.get(digest)
+        if cached is not None:
+            return cached
+        ref = context.manifest.shard(digest)
+        if ref is None:
+            raise ValueError(f"shard {digest[:12]} is not part of the job")
+        raw = await self.node.blobs.fetch(
+            digest, providers=[context.manifest.requester], chunks=ref.chunks, size=ref.size,
+            chunk_size=context.manifest.chunk_size,
+        )
+        split = read_shard(raw, context.manifest.data)
+        self._shards.put(digest, split)
+        return split

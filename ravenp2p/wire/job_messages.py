@@ -1,0 +1,205 @@
+"""Message types of a training job: submission, assignments, results, round records.
+
+Every one travels in a signed envelope (`ravenp2p.wire.envelope`), so its sender
+is authenticated; the fields below are what the roles read. Digests are hex
+sha256 of canonical blob bytes (`ravenp2p.training.tensors.digest_of`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ravenp2p.wire.messages import PEER_ID_PATTERN
+from ravenp2p.wire.schema import Message, constrained, register
+
+DIGEST_PATTERN = r"[0-9a-f]{64}"
+MAX_CALCULATIONS_PER_MESSAGE = 256
+MAX_WORKERS_PER_CALCULATION = 32
+CALCULATION_KINDS = ("gradient", "local_steps")
+
+
+@register
+@dataclass(frozen=True)
+class JobSubmit(Message):
+    """A requester asks a master to run the job whose manifest blob has this digest.
+
+    The job id is the manifest digest; the master fetches the manifest from the
+    requester (the envelope's sender) and checks it before answering.
+    """
+
+    TYPE = "job.submit"
+
+    manifest: str = constrained(pattern=DIGEST_PATTERN)
+    manifest_size: int = constrained(min=1, max=64 * 1024 * 1024)
+
+
+@register
+@dataclass(frozen=True)
+class JobReceipt(Message):
+    """A master's answer to `JobSubmit`: queued, or refused with the reason."""
+
+    TYPE = "job.receipt"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    accepted: bool = constrained()
+    reason: str = constrained(max_len=1024, default="")
+    queue_position: int = constrained(min=0, default=0)
+
+
+@register
+@dataclass(frozen=True)
+class JobAnnounce(Message):
+    """A master tells compute nodes that it runs a job (on the jobs topic)."""
+
+    TYPE = "job.announce"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    requester: str = constrained(pattern=PEER_ID_PATTERN)
+    manifest_size: int = constrained(min=1, max=64 * 1024 * 1024)
+
+
+@register
+@dataclass(frozen=True)
+class CalculationOrder(Message):
+    """One calculation and the workers asked to compute it.
+
+    A calculation is named by job, round, weights digest, shard digest and
+    kind; `calc` is its number within the job. `seed` seeds dropout so that
+    redundant workers compute the same thing; `threads` pins the compute
+    profile for bitwise agreement.
+    """
+
+    TYPE = "job.calculation"
+
+    calc: int = constrained(min=0)
+    round: int = constrained(min=0)
+    kind: str = constrained(choices=CALCULATION_KINDS)
+    weights: str = constrained(pattern=DIGEST_PATTERN)
+    shard: str = constrained(pattern=DIGEST_PATTERN)
+    seed: int = constrained(min=0, max=2**63 - 1)
+    threads: int = constrained(min=1, max=64)
+    workers: tuple[str, ...] = constrained(
+        max_len=MAX_WORKERS_PER_CALCULATION, pattern=PEER_ID_PATTERN
+    )
+    deadline_s: float = constrained(min=0.1, max=3600.0)
+
+
+@register
+@dataclass(frozen=True)
+class Assignment(Message):
+    """The master's signed orders for one round (or extra workers for some calculations)."""
+
+    TYPE = "job.assign"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    round: int = constrained(min=0)
+    orders: tuple[CalculationOrder, ...] = constrained(max_len=MAX_CALCULATIONS_PER_MESSAGE)
+
+
+@register
+@dataclass(frozen=True)
+class ResultHeader(Message):
+    """A worker's signed claim: "for this calculation my result has this digest".
+
+    Sent ahead of the result bytes on a stream to the master. The envelope's
+    signature over (job, calc, digest) is what voting, payment and evidence
+    rest on.
+    """
+
+    TYPE = "job.result"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    calc: int = constrained(min=0)
+    round: int = constrained(min=0)
+    digest: str = constrained(pattern=DIGEST_PATTERN)
+    size: int = constrained(min=1, max=1024 * 1024 * 1024)
+    loss: float = constrained()
+    compute_ms: float = constrained(min=0.0)
+
+
+@register
+@dataclass(frozen=True)
+class ResultAck(Message):
+    """The master's reply to a result: taken for voting, or refused and why."""
+
+    TYPE = "job.result_ack"
+
+    calc: int = constrained(min=0)
+    taken: bool = constrained()
+    reason: str = constrained(max_len=512, default="")
+
+
+@register
+@dataclass(frozen=True)
+class AcceptedCalculation(Message):
+    """A calculation the vote accepted: its result and the workers credited for it."""
+
+    TYPE = "job.accepted"
+
+    calc: int = constrained(min=0)
+    shard: str = constrained(pattern=DIGEST_PATTERN)
+    result: str = constrained(pattern=DIGEST_PATTERN)
+    workers: tuple[str, ...] = constrained(
+        max_len=MAX_WORKERS_PER_CALCULATION, pattern=PEER_ID_PATTERN
+    )
+
+
+@register
+@dataclass(frozen=True)
+class RoundRecord(Message):
+    """The master's signed record of a finished round: what was accepted, the new weights."""
+
+    TYPE = "job.round"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    round: int = constrained(min=0)
+    previous_weights: str = constrained(pattern=DIGEST_PATTERN)
+    weights: str = constrained(pattern=DIGEST_PATTERN)
+    accepted: tuple[AcceptedCalculation, ...] = constrained(
+        max_len=MAX_CALCULATIONS_PER_MESSAGE
+    )
+    train_loss: float = constrained()
+
+
+@register
+@dataclass(frozen=True)
+class Evaluation(Message):
+    """The requester's signed score of one round's weights on its holdout split."""
+
+    TYPE = "job.evaluation"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    round: int = constrained(min=0)
+    weights: str = constrained(pattern=DIGEST_PATTERN)
+    loss: float = constrained()
+    samples: int = constrained(min=0)
+    accuracy: float | None = constrained(min=0.0, max=1.0, default=None)
+
+
+@register
+@dataclass(frozen=True)
+class WorkerCredit(Message):
+    """How many accepted calculations a worker is paid for, and its recorded faults."""
+
+    TYPE = "job.credit"
+
+    worker: str = constrained(pattern=PEER_ID_PATTERN)
+    accepted: int = constrained(min=0)
+    mismatches: int = constrained(min=0)
+    excluded: bool = constrained()
+
+
+@register
+@dataclass(frozen=True)
+class JobDone(Message):
+    """The master's final word on a job: why it stopped, the weights, who earned what."""
+
+    TYPE = "job.done"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    rounds: int = constrained(min=0)
+    weights: str = constrained(pattern=DIGEST_PATTERN)
+    reason: str = constrained(max_len=256)
+    calculations_accepted: int = constrained(min=0)
+    results_rejected: int = constrained(min=0)
+    credits: tuple[WorkerCredit, ...] = constrained(max_len=4096)
