@@ -703,7 +703,7 @@ class Master:
         credits = {row.worker: row.accepted for row in rows}
         mismatches = {row.worker: row.mismatches for row in rows}
         state = {
-            "job": run.job_id, "manifest": run.job_id, "round": run.round,
+            "job": run.job_id, "round": run.round,
             "weights": run.weights_digest, "optimizer": optimizer_digest,
             "next_calc": run.next_calc, "credits": credits, "mismatches": mismatches,
             "excluded": sorted(row.worker for row in rows if row.excluded),

@@ -104,7 +104,6 @@ class _JobContext:
         self.manifest = manifest
         self.master = master
         self.runtime = ModelRuntime(manifest.spec.model, manifest.data, manifest.spec.loss)
-        self.scope = trio.CancelScope()
 
 
 class Worker:
@@ -175,19 +174,18 @@ class Worker:
         log.info("Joined job %s (%s) run by %s", short(job_id), manifest.spec.name, short(master))
         try:
             channel = await self.node.topics.subscribe(job_topic(job_id))
-            with context.scope:
-                async with trio.open_nursery() as nursery:
-                    async for envelope in channel:
-                        message = envelope.message
-                        if envelope.sender != master:
-                            continue
-                        if isinstance(message, JobDone) and message.job == job_id:
-                            log.info("Job %s is done: %s", short(job_id), message.reason)
-                            nursery.cancel_scope.cancel()
-                        elif isinstance(message, Assignment) and message.job == job_id:
-                            for order in message.orders:
-                                if self.node.peer_id in order.workers:
-                                    nursery.start_soon(self._calculate, context, order)
+            async with trio.open_nursery() as nursery:
+                async for envelope in channel:
+                    message = envelope.message
+                    if envelope.sender != master:
+                        continue
+                    if isinstance(message, JobDone) and message.job == job_id:
+                        log.info("Job %s is done: %s", short(job_id), message.reason)
+                        nursery.cancel_scope.cancel()
+                    elif isinstance(message, Assignment) and message.job == job_id:
+                        for order in message.orders:
+                            if self.node.peer_id in order.workers:
+                                nursery.start_soon(self._calculate, context, order)
         finally:
             del self._jobs[job_id]
             channel.close()
