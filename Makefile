@@ -4,15 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench lint clean contracts
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	@if [ -f package.json ]; then npm ci --no-audit --no-fund; fi
+	@if [ -f package.json ]; then npm ci --no-audit --no-fund --ignore-scripts; fi
 	touch $(STAMP)
 
 demo: install
@@ -28,6 +28,10 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/net.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/chain.py
+
+contracts: install
+	node contracts/build.js
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="most torch threads one calculation may use (default 1)")
     node.add_argument("--master", action="store_true",
                       help="also accept jobs from requesters and run them as their master")
+    node.add_argument("--chain", metavar="URL",
+                      help="JSON-RPC URL of the Ethereum node holding stakes and job escrows "
+                      "(without it the node takes part in unpaid jobs only)")
+    node.add_argument("--contracts", type=Path, metavar="FILE",
+                      help="deployment file (chain id and contract addresses) for --chain")
+    node.add_argument("--stake", metavar="RAVEN", default="0",
+                      help="keep this much RAVEN staked, topped up from the wallet at start")
+    node.add_argument("--candidate", action="store_true",
+                      help="stand as a master candidate (needs the registry's minimum stake)")
     node.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     node.add_argument("--log-json", action="store_true", help="write logs as JSON lines")
 
@@ -108,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "they compute in parallel on several cores (default 0)")
     devnet.add_argument("--spec", type=Path, metavar="JOB.toml",
                         help="run this job spec instead of the default for --dataset")
+    devnet.add_argument("--masters", type=int, default=2, metavar="M",
+                        help="master candidates that stake and stand for the committee "
+                        "(default 2)")
     devnet.add_argument("--timeout", type=float, default=600.0,
                         help="seconds the job may take (default 600)")
     _add_json(devnet)
@@ -136,6 +148,7 @@ def _node(args: argparse.Namespace) -> int:
     from ravenp2p.log import configure_logging
     from ravenp2p.node.config import NodeConfig
     from ravenp2p.node.daemon import run_daemon
+    from ravenp2p.training.spec import parse_amount
 
     config = NodeConfig(
         data_dir=args.data_dir,
@@ -146,6 +159,10 @@ def _node(args: argparse.Namespace) -> int:
         consent=args.consent,
         master=args.master,
         max_threads=args.threads,
+        chain_url=args.chain,
+        contracts=args.contracts,
+        stake=parse_amount("stake", args.stake),
+        candidate=args.candidate,
     )
     configure_logging(args.log_level, json_format=args.log_json)
     trio.run(run_daemon, config)
@@ -185,7 +202,7 @@ def _devnet(args: argparse.Namespace) -> int:
 
     from ravenp2p.devnet import devnet_spec, run_devnet
     from ravenp2p.log import configure_logging
-    from ravenp2p.training.spec import load_job_spec
+    from ravenp2p.training.spec import format_amount, load_job_spec
 
     if args.spec is not None:
         spec = load_job_spec(args.spec)
@@ -201,7 +218,7 @@ def _devnet(args: argparse.Namespace) -> int:
     report = trio.run(
         functools.partial(
             run_devnet, args.nodes, args.byzantine, spec, timeout=args.timeout,
-            worker_processes=args.processes,
+            worker_processes=args.processes, masters=args.masters,
         )
     )
     if args.json:
@@ -214,10 +231,21 @@ def _devnet(args: argparse.Namespace) -> int:
           f"{report['seconds']:.1f} s")
     print(f"  {report['calculations_accepted']} calculations accepted, "
           f"{report['results_rejected']} results rejected")
-    print(f"  {'worker':<54} {'accepted':>8} {'rejected':>8}  byzantine")
+    print(f"  {'worker address':<42} {'accepted':>8} {'rejected':>8} {'paid RAVEN':>12}  "
+          "byzantine")
+    payouts = report.get("payouts", {})
     for row in report["workers"]:
-        print(f"  {row['peer_id']:<54} {row['accepted']:>8} {row['rejected']:>8}  "
+        paid = format_amount(payouts.get(row["address"], 0))
+        print(f"  {row['address']:<42} {row['accepted']:>8} {row['rejected']:>8} {paid:>12}  "
               f"{'yes' if row['byzantine'] else 'no'}")
+    if "deposit" in report:
+        fees = report["fees"]
+        print(f"  deposit {format_amount(report['deposit'])} RAVEN = workers "
+              f"{format_amount(sum(payouts.values()))} + master fee "
+              f"{format_amount(fees['master'])} + partner fees {format_amount(fees['partner'])}"
+              f" + protocol fee {format_amount(fees['protocol'])} + refund "
+              f"{format_amount(report['refund'])}")
+        print(f"  settled in transaction {report['settle_tx']}")
     return EXIT_OK
 
 
@@ -232,6 +260,7 @@ def _single_cause(error: BaseException) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ravenp2p` console script."""
+    from ravenp2p.chain.base import ChainError
     from ravenp2p.identity import IdentityError
     from ravenp2p.node.config import ConfigError
     from ravenp2p.node.control import ControlError
@@ -242,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
-    failures: tuple[type[BaseException], ...] = (IdentityError, DataDirBusy, OSError)
+    failures: tuple[type[BaseException], ...] = (IdentityError, DataDirBusy, OSError, ChainError)
     if args.command == "devnet":  # imports torch: only where it is needed
         from ravenp2p.devnet import DevnetError
 

@@ -1,13 +1,22 @@
 """`ravenp2p devnet`: a whole training network of real libp2p nodes on loopback, in one process.
 
-It starts a master, a requester and N workers (K of them byzantine, if asked),
+It starts masters, a requester and N workers (K of them byzantine, if asked),
 lets them discover each other, submits a training job, runs it to completion
 and reports what happened: holdout accuracy, rounds, accepted calculations,
 rejected results, and per worker what it was credited and refused.
+
+With the economy on (what `ravenp2p devnet` runs), the contracts are deployed
+on a chain (embedded by default), every node stakes, the masters stand as
+candidates and the epoch's committee is elected; the requester deposits the
+job's budget in escrow and submits to the master the escrow ranks first; that
+master settles a merkle root of the payouts, and every worker claims its own.
+The report then adds the payouts, the fees, the refund and the deposit, which
+add up to the deposit to the wei.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import subprocess
@@ -22,10 +31,15 @@ from typing import Any
 
 import trio
 
-from ravenp2p.identity import create_identity
+from ravenp2p.chain.base import Deployment, JobStatusOnChain
+from ravenp2p.chain.deploy import deploy_contracts
+from ravenp2p.chain.devchain import DevChain, EmbeddedChain
+from ravenp2p.chain.web3chain import Web3Chain
+from ravenp2p.identity import NodeIdentity, create_identity
 from ravenp2p.network.libp2p import Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.node import Node
+from ravenp2p.roles.escrow import job_key, payout_plan, peer_address
 from ravenp2p.roles.faults import ByzantineResults, FaultPool
 from ravenp2p.roles.master import Master, MasterConfig
 from ravenp2p.roles.requester import JobResult, Requester
@@ -58,8 +72,39 @@ budget = "{budget}"
 """
 
 
+RAVEN = 10**18
+MASTER_STAKE = 1_000 * RAVEN
+"""What each devnet master stakes (the registry's devnet minimum for candidates is 100 RAVEN)."""
+WORKER_STAKE = 100 * RAVEN
+GAS_MONEY = 10 * 10**18
+"""Wei each devnet node gets for transaction fees."""
+CLAIM_WAIT_S = 30.0
+
+
 class DevnetError(RuntimeError):
     """The devnet did not reach the expected state in time."""
+
+
+@dataclass
+class DevnetEconomy:
+    """The devnet's chain: the deployment, its owner, and every node's account on it."""
+
+    backend: DevChain
+    deployment: Deployment
+    owner: Web3Chain
+    accounts: dict[str, Web3Chain] = field(default_factory=dict)
+    """Peer id -> that node's chain account."""
+    balances_before: dict[str, int] = field(default_factory=dict)
+    """Address -> token balance once staked, before the job: payouts are the growth."""
+
+    async def account(self, identity: NodeIdentity, tokens: int) -> Web3Chain:
+        """A funded chain account for a node's key, with `tokens` RAVEN minted to it."""
+        chain = Web3Chain(self.backend.w3, self.deployment, identity.private_key.secret)
+        self.backend.fund(identity.address, GAS_MONEY)
+        if tokens:
+            await self.owner.mint(identity.address, tokens)
+        self.accounts[identity.peer_id] = chain
+        return chain
 
 
 def devnet_spec(
@@ -108,15 +153,33 @@ class WorkerProcess:
 class Devnet:
     """The nodes of a running devnet and their roles."""
 
-    master: Master
+    masters: list[Master]
     requester: Requester
     workers: list[Worker]
     byzantine: set[str] = field(default_factory=set)
     nodes: list[Node] = field(default_factory=list)
     processes: list[WorkerProcess] = field(default_factory=list)
+    economy: DevnetEconomy | None = None
+
+    @property
+    def master(self) -> Master:
+        """The first master: every node joins through it; unpaid jobs go to it."""
+        return self.masters[0]
+
+    def master_named(self, peer_id: str) -> Master:
+        """The devnet's master with this peer id."""
+        for master in self.masters:
+            if master.node.peer_id == peer_id:
+                return master
+        raise KeyError(f"{peer_id} is not a master of this devnet")
 
     async def start_worker_process(self, data_dir: Path, share: int = 10) -> WorkerProcess:
-        """Start a consenting worker daemon that joins through the master."""
+        """Start a consenting worker daemon that joins through the master.
+
+        It runs without a chain account (an embedded chain lives in this
+        process only): when it is paid, the devnet claims for it, which the
+        escrow allows anyone to do.
+        """
         identity = create_identity(data_dir)
         log_path = data_dir / "node.log"
         command = [
@@ -144,16 +207,25 @@ async def start_devnet(
     seed: int = 0,
     timeout: float = 60.0,
     worker_processes: int = 0,
+    masters: int = 1,
+    economy: bool = False,
+    chain_backend: DevChain | None = None,
 ) -> AsyncIterator[Devnet]:
-    """Start a master, a requester and `workers` workers; stop them all on exit.
+    """Start masters, a requester and `workers` workers; stop them all on exit.
 
     With `worker_processes`, that many of the (honest) workers run as separate
     `ravenp2p node` processes instead of in this process: computations then
     run in parallel on several cores (in one process, torch's small operations
     serialise on the interpreter lock).
+
+    With `economy`, contracts are deployed on `chain_backend` (default: a new
+    embedded chain), every node stakes, the masters stand as candidates and
+    the committee of the epoch is elected before the devnet is handed over.
     """
     if workers < 1:
         raise ValueError("a devnet needs at least 1 worker")
+    if masters < 1:
+        raise ValueError("a devnet needs at least 1 master")
     if not 0 <= worker_processes <= workers - byzantine:
         raise ValueError("worker_processes must be between 0 and the number of honest workers")
     if not 0 <= byzantine <= workers:
@@ -161,11 +233,12 @@ async def start_devnet(
     rng = random.Random(seed)
     faulty = set(rng.sample(range(workers - worker_processes), byzantine))
     pool = FaultPool()
+    money = await _open_economy(chain_backend) if economy else None
     with tempfile.TemporaryDirectory(prefix="ravenp2p-devnet-") as tmp:
         async with trio.open_nursery() as nursery:
             nodes: list[Node] = []
 
-            def make_node(name: str, consent: bool) -> Node:
+            async def make_node(name: str, consent: bool, stake: int = 0) -> Node:
                 data_dir = Path(tmp) / name
                 identity = create_identity(data_dir)
                 bootstrap = tuple(nodes[0].network.listen_addrs[:1]) if nodes else ()
@@ -174,26 +247,35 @@ async def start_devnet(
                     consent=consent, control=False, announce_interval_s=5.0,
                     peer_expiry_s=30.0,
                 )
-                return Node(Libp2pNetwork(identity), identity, config)
+                chain = await money.account(identity, stake) if money else None
+                if chain is not None and stake:
+                    await chain.stake(stake)
+                return Node(Libp2pNetwork(identity), identity, config, chain=chain)
 
             async def start(node: Node) -> None:
                 await nursery.start(node.run)
                 nodes.append(node)
 
-            master_node = make_node("master", consent=False)
-            master = Master(master_node, master_config)
-            master_node.add_role(master.run)
-            await start(master_node)
-            requester_node = make_node("requester", consent=False)
+            master_roles = []
+            for i in range(masters):
+                master_node = await make_node(f"master{i}", consent=False, stake=MASTER_STAKE)
+                if master_node.chain is not None:
+                    await master_node.chain.become_candidate()
+                master = Master(master_node, master_config)
+                master_node.add_role(master.run)
+                await start(master_node)
+                master_roles.append(master)
+            requester_node = await make_node("requester", consent=False)
             requester = Requester(requester_node)
             requester_node.add_role(requester.run)
             await start(requester_node)
-            net = Devnet(master=master, requester=requester, workers=[], nodes=nodes)
+            net = Devnet(masters=master_roles, requester=requester, workers=[], nodes=nodes,
+                         economy=money)
             in_process = workers - worker_processes
             for i in range(worker_processes):
                 await net.start_worker_process(Path(tmp) / f"process{i}", share)
             for i in range(in_process):
-                node = make_node(f"worker{i}", consent=True)
+                node = await make_node(f"worker{i}", consent=True, stake=WORKER_STAKE)
                 faulty_here = i in faulty
                 tamper = ByzantineResults(seed=seed + i, pool=pool) if faulty_here else None
                 worker = Worker(node, worker_config, tamper)
@@ -202,12 +284,21 @@ async def start_devnet(
                 net.workers.append(worker)
                 if tamper is not None:
                     net.byzantine.add(node.peer_id)
+            if money is not None:
+                await money.owner.elect()
+                for peer, chain in money.accounts.items():
+                    money.balances_before[peer_address(peer)] = await chain.balance_of(
+                        chain.address
+                    )
+            expected = workers + masters
             try:
                 with trio.fail_after(timeout):
-                    await master_node.wait_for_peers(workers + 1)
+                    for master in master_roles:
+                        await master.node.wait_for_peers(expected)
+                    await requester_node.wait_for_peers(expected)
             except trio.TooSlowError:
                 raise DevnetError(
-                    f"the master discovered {len(master_node.directory)} of {workers + 1} "
+                    f"the masters and the requester did not discover all {expected} other "
                     f"peers within {timeout:.0f} s"
                 ) from None
             try:
@@ -221,14 +312,73 @@ async def start_devnet(
                 nursery.cancel_scope.cancel()
 
 
+async def _open_economy(backend: DevChain | None) -> DevnetEconomy:
+    """Deploy the contracts on `backend` (a new embedded chain by default)."""
+    backend = backend or EmbeddedChain()
+    deployment = deploy_contracts(backend.w3, backend.funded_secret)
+    owner = Web3Chain(backend.w3, deployment, backend.funded_secret)
+    log.info("Contracts deployed on chain %d: registry %s, escrow %s",
+             deployment.chain_id, deployment.registry, deployment.escrow)
+    return DevnetEconomy(backend, deployment, owner)
+
+
+async def settle_report(net: Devnet, result: JobResult) -> dict[str, Any]:
+    """Wait for every payout to be claimed (claiming for worker processes); the money figures.
+
+    Returns `payouts` (worker address -> base units received), `fees`,
+    `refund`, `deposit` and `settle_tx`; raises `DevnetError` when the job did
+    not settle, or when what was paid differs from `consensus.settlement`.
+    """
+    money = net.economy
+    assert money is not None
+    key = job_key(result.job_id)
+    job = await money.owner.job(key)
+    if job.status is not JobStatusOnChain.SETTLED:
+        raise DevnetError(f"the job ended {job.status.name.lower()} on-chain: "
+                          f"{result.done.reason}")
+    manifest = net.requester.jobs[result.job_id].manifest
+    plan = payout_plan(manifest, result.done.credits, job.deposit)
+    if plan.root != job.root:
+        raise DevnetError("the settled root is not the root of the master's credits")
+    with trio.move_on_after(CLAIM_WAIT_S):
+        for _poll in itertools.count():  # the workers claim on their own: give them time
+            if all([await money.owner.has_claimed(key, a) for a in plan.leaves]):
+                break
+            await trio.sleep(0.2)
+    for address, amount in plan.leaves.items():
+        if not await money.owner.has_claimed(key, address):
+            log.info("Claiming %d for %s (a worker without a chain account)", amount, address)
+            await money.owner.claim(key, address, amount, plan.proof(address))
+    payouts = {}
+    for credit in result.done.credits:
+        address = peer_address(credit.worker)
+        balance = await money.owner.balance_of(address)
+        payouts[address] = balance - money.balances_before.get(address, 0)
+        if payouts[address] != plan.worker_payouts.get(address, 0):
+            raise DevnetError(f"{address} received {payouts[address]}, the settlement says "
+                              f"{plan.worker_payouts.get(address, 0)}")
+    master_name = net.requester.jobs[result.job_id].master
+    settled = net.master_named(master_name).jobs[result.job_id].settlement
+    assert settled is not None
+    return {
+        "payouts": payouts,
+        "fees": {"master": settled.master_fee, "partner": settled.partner_total,
+                 "protocol": settled.protocol_fee},
+        "refund": settled.refund,
+        "deposit": job.deposit,
+        "settle_tx": settled.tx_hash,
+    }
+
+
 def summarize(net: Devnet, result: JobResult, seconds: float) -> dict[str, Any]:
-    """The devnet's JSON report."""
+    """The devnet's JSON report (without the money: see `settle_report`)."""
     credits = {row.worker: row for row in result.done.credits}
     rows = []
     for process in net.processes:
         credit = credits.get(process.peer_id)
         rows.append({
             "peer_id": process.peer_id,
+            "address": peer_address(process.peer_id),
             "accepted": credit.accepted if credit else 0,
             "rejected": credit.mismatches if credit else 0,
             "excluded": bool(credit and credit.excluded),
@@ -240,6 +390,7 @@ def summarize(net: Devnet, result: JobResult, seconds: float) -> dict[str, Any]:
         credit = credits.get(peer)
         rows.append({
             "peer_id": peer,
+            "address": worker.node.identity.address,
             "accepted": credit.accepted if credit else 0,
             "rejected": (credit.mismatches if credit else 0) + worker.stats.refused,
             "excluded": bool(credit and credit.excluded),
@@ -257,6 +408,7 @@ def summarize(net: Devnet, result: JobResult, seconds: float) -> dict[str, Any]:
         "calculations_accepted": result.done.calculations_accepted,
         "results_rejected": result.done.results_rejected,
         "seconds": round(seconds, 3),
+        "master": net.requester.jobs[result.job_id].master,
         "workers": rows,
     }
 
@@ -269,18 +421,28 @@ async def run_devnet(
     timeout: float = 600.0,
     seed: int = 0,
     worker_processes: int = 0,
+    masters: int = 2,
+    economy: bool = True,
+    chain_backend: DevChain | None = None,
 ) -> dict[str, Any]:
     """Start a devnet, train `spec` (default: digits) to completion, return the report."""
     spec = spec or devnet_spec()
     async with start_devnet(
-        workers, byzantine, seed=seed, worker_processes=worker_processes
+        workers, byzantine, seed=seed, worker_processes=worker_processes, masters=masters,
+        economy=economy, chain_backend=chain_backend,
     ) as net:
-        log.info("Devnet up: 1 master, 1 requester, %d workers (%d byzantine)",
-                 workers, byzantine)
+        log.info("Devnet up: %d masters, 1 requester, %d workers (%d byzantine)%s",
+                 masters, workers, byzantine, ", paid on-chain" if economy else "")
+        if net.economy is not None:
+            await net.economy.owner.mint(net.requester.node.identity.address, spec.budget)
         begin = time.monotonic()
-        handle = await net.requester.submit(spec, net.master.node.peer_id)
+        master = None if economy else net.master.node.peer_id
+        handle = await net.requester.submit(spec, master)
         try:
             result = await handle.wait(timeout)
         except trio.TooSlowError:
             raise DevnetError(f"the job did not finish within {timeout:.0f} s") from None
-        return summarize(net, result, time.monotonic() - begin)
+        report = summarize(net, result, time.monotonic() - begin)
+        if net.economy is not None:
+            report.update(await settle_report(net, result))
+        return report

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import coincurve
-from Crypto.Hash import keccak
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.secp256k1 import Secp256k1PrivateKey, Secp256k1PublicKey
 from libp2p.peer.id import ID
+
+from consensus.abi import checksum_address, keccak256
 
 KEY_FILE_NAME = "node.key"
 SIGNATURE_LENGTH = 65  # r (32) || s (32) || recovery id (1), as Ethereum's ecrecover expects
@@ -27,26 +28,10 @@ class IdentityError(Exception):
     """The key file is missing, malformed or readable by others."""
 
 
-def keccak256(data: bytes) -> bytes:
-    """Ethereum's hash (Keccak-256, not NIST SHA3-256)."""
-    return keccak.new(digest_bits=256, data=data).digest()
-
-
 def address_of(public_key: coincurve.PublicKey) -> str:
     """EIP-55 checksummed Ethereum address of a secp256k1 public key."""
     raw = keccak256(public_key.format(compressed=False)[1:])[12:].hex()
-    return to_checksum_address(raw)
-
-
-def to_checksum_address(hex_address: str) -> str:
-    """EIP-55 mixed-case form of a 20-byte hex address (with or without 0x)."""
-    lower = hex_address.lower().removeprefix("0x")
-    if len(lower) != 40 or any(c not in "0123456789abcdef" for c in lower):
-        raise ValueError(f"not a 20-byte hex address: {hex_address!r}")
-    digest = keccak256(lower.encode()).hex()
-    return "0x" + "".join(
-        c.upper() if c.isalpha() and int(digest[i], 16) >= 8 else c for i, c in enumerate(lower)
-    )
+    return checksum_address("0x" + raw)
 
 
 def peer_id_of(public_key: coincurve.PublicKey) -> str:

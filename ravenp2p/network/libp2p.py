@@ -473,6 +473,13 @@ def _is_protocol_refusal(exc: BaseException) -> bool:
     return False
 
 
+def _innermost(exc: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group: the error that actually happened."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _provider_key(key: str) -> str:
     """A content name as the hex of a sha2-256 multihash, which py-libp2p's provider API accepts."""
     return "1220" + hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -718,6 +725,14 @@ class Libp2pNetwork:
                     outer.deadline = trio.current_time() + self.config.stop_timeout_s
             if outer.cancelled_caught:
                 logger.warning("node %s: stopping services timed out", self._peer_id)
+        except Exception as exc:
+            # py-libp2p's services can trip over their own closing nurseries when a peer's
+            # message arrives mid-shutdown ("Nursery is closed to new arrivals"); the node
+            # is stopping anyway, so that must not turn a clean stop into a crash.
+            if not self._stop.is_set():
+                raise
+            logger.warning("node %s: py-libp2p failed while stopping (ignored): %r",
+                           self._peer_id, _innermost(exc))
         finally:
             self._run_done.set()
 

@@ -52,6 +52,14 @@ class NodeConfig:
     """Upper bound on torch threads per calculation."""
     max_blob_bytes: int | None = 8 * 1024**3
     """Disk the blob store (shards, weights, results) may use; unpinned blobs are evicted."""
+    chain_url: str | None = None
+    """JSON-RPC URL of the Ethereum node that holds stakes and escrows (None: unpaid jobs only)."""
+    contracts: Path | None = None
+    """The deployment file (chain id and contract addresses) that goes with `chain_url`."""
+    stake: int = 0
+    """Base units of RAVEN the node keeps staked: topped up from its balance at start."""
+    candidate: bool = False
+    """Stand as a master candidate for the committee (needs the registry's minimum stake)."""
     limits: WireLimits = field(default_factory=WireLimits)
 
     def __post_init__(self) -> None:
@@ -71,6 +79,15 @@ class NodeConfig:
             raise ConfigError(f"max_threads: must be between 1 and 256, not {self.max_threads}")
         if self.max_blob_bytes is not None and self.max_blob_bytes < 1024**2:
             raise ConfigError("max_blob_bytes: must be at least 1 MiB")
+        if self.chain_url is not None:
+            if not self.chain_url.startswith(("http://", "https://")):
+                raise ConfigError(f"chain: {self.chain_url!r} must be an http(s):// JSON-RPC URL")
+            if self.contracts is None:
+                raise ConfigError("contracts: a deployment file is needed with --chain")
+        elif self.contracts is not None or self.stake or self.candidate:
+            raise ConfigError("chain: --contracts, --stake and --candidate need --chain URL")
+        if self.stake < 0:
+            raise ConfigError(f"stake: must not be negative, not {self.stake}")
         if self.control:
             try:
                 check_socket_path(self.data_dir)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import trio
 
-from ravenp2p.identity import load_or_create_identity
+from ravenp2p.chain.base import Chain
+from ravenp2p.identity import NodeIdentity, load_or_create_identity
 from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.node import Node
@@ -48,6 +49,37 @@ async def _stop_on_signal(node: Node, scope: trio.CancelScope, timeout: float) -
                 scope.cancel()
 
 
+async def open_chain(config: NodeConfig, identity: NodeIdentity) -> Chain:
+    """Connect the node's key to the chain, top its stake up, stand as candidate if asked.
+
+    Raises `ChainError` naming the URL or the contract's reason, `ValueError`
+    for a deployment file that is unreadable or belongs to another chain.
+    """
+    from ravenp2p.chain.deploy import load_deployment
+    from ravenp2p.chain.devchain import connect
+    from ravenp2p.chain.web3chain import Web3Chain
+
+    assert config.chain_url is not None and config.contracts is not None
+    w3 = connect(config.chain_url)
+    deployment = load_deployment(config.contracts)
+    if w3.eth.chain_id != deployment.chain_id:
+        raise ValueError(
+            f"contracts: {config.contracts} is a deployment on chain {deployment.chain_id}, "
+            f"but {config.chain_url} is chain {w3.eth.chain_id}"
+        )
+    chain = Web3Chain(w3, deployment, identity.private_key.secret)
+    staked = (await chain.stake_of(chain.address)).active
+    if config.stake > staked:
+        await chain.stake(config.stake - staked)
+        staked = config.stake
+    if config.candidate and chain.address not in await chain.candidates():
+        await chain.become_candidate()
+    log.info("On chain %d as %s: %d base units staked, %d in the wallet%s",
+             deployment.chain_id, chain.address, staked, await chain.balance_of(chain.address),
+             ", master candidate" if config.candidate else "")
+    return chain
+
+
 class DataDirBusy(RuntimeError):
     """Another node is already running on this data dir."""
 
@@ -80,8 +112,9 @@ async def _run_locked(config: NodeConfig) -> None:
     identity, created = load_or_create_identity(config.data_dir)
     if created:
         log.info("Created a new node key in %s", config.data_dir)
+    chain = await open_chain(config, identity) if config.chain_url else None
     network = Libp2pNetwork(identity, config.listen, DAEMON_NETWORK_CONFIG)
-    node = Node(network, identity, config)
+    node = Node(network, identity, config, chain=chain)
     node.add_role(Worker(node, WorkerConfig(max_threads=config.max_threads)).run)
     if config.master:
         node.add_role(Master(node).run)

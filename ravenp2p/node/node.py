@@ -20,10 +20,11 @@ from typing import Any
 import trio
 
 from ravenp2p import __version__
+from ravenp2p.chain.base import Chain
 from ravenp2p.clock import Clock, SystemClock
 from ravenp2p.data.blobs import BlobService
 from ravenp2p.data.store import BlobStore
-from ravenp2p.identity import NodeIdentity
+from ravenp2p.identity import NodeIdentity, address_of, public_key_of_peer
 from ravenp2p.network.base import Network, NetworkError, PeerInfo
 from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.control import serve_control
@@ -83,12 +84,15 @@ class Node:
         identity: NodeIdentity,
         config: NodeConfig,
         clock: Clock | None = None,
+        chain: Chain | None = None,
     ) -> None:
         if network.peer_id != identity.peer_id:
             raise ValueError("the network and the identity belong to different peers")
         self.network = network
         self.identity = identity
         self.config = config
+        self.chain = chain
+        """The node's account on the chain that holds stakes and escrows; None: unpaid jobs only."""
         self.clock = clock or SystemClock()
         self.codec = EnvelopeCodec(identity, config.limits, now=self.clock.now)
         # DHT records are re-read many times; their validator checks signatures and
@@ -108,6 +112,17 @@ class Node:
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id
+
+    def peer_with_address(self, address: str) -> str | None:
+        """The known peer whose key has this Ethereum address (derived, never taken on trust)."""
+        wanted = address.lower()
+        for peer_id in self.directory:
+            try:
+                if address_of(public_key_of_peer(peer_id)).lower() == wanted:
+                    return peer_id
+            except ValueError:
+                continue
+        return None
 
     def capability(self) -> CapabilityRecord:
         """This node's own capability record, as announced."""

@@ -14,8 +14,13 @@ It keeps a request queue of jobs; for each job it runs rounds:
    stored by digest and a signed round record names what was accepted and who
    is credited; a checkpoint is written so the job survives a restart;
 5. the job stops on its stop condition (rounds, or the requester's signed
-   evaluation on its holdout reaching the target) and a signed `JobDone`
-   carries the credits.
+   evaluation on its holdout reaching the target); a paid job is settled in
+   its escrow (a merkle root of the payouts, `ravenp2p.roles.escrow`) and a
+   signed `JobDone` carries the credits and the settlement transaction.
+
+A paid job is only admitted when its escrow is open, matches the spec and
+names this node as the job's master; while it runs, the master heartbeats it
+on-chain so that no other committee member takes it over.
 """
 
 from __future__ import annotations
@@ -36,10 +41,18 @@ import trio
 from consensus.agreement import compare_tensors
 from consensus.assignment import Candidate, choose_workers
 from consensus.voting import AddOutcome, CalculationVote, SignedResult, VoteState, WorkerLedger
+from ravenp2p.chain.base import ChainError, ContractReverted, Settled
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.network.base import NetworkError, Stream
 from ravenp2p.network.framing import read_exactly, read_frame, write_frame
 from ravenp2p.node.node import Node, short
+from ravenp2p.roles.escrow import (
+    check_escrow,
+    job_key,
+    payout_plan,
+    result_signed_by,
+    with_partners,
+)
 from ravenp2p.roles.protocol import JOBS_TOPIC, RESULT_PROTOCOL, SUBMIT_PROTOCOL, job_topic
 from ravenp2p.training.compute import ModelRuntime, Trainer
 from ravenp2p.training.manifest import JobManifest, ManifestError
@@ -66,6 +79,7 @@ log = logging.getLogger("ravenp2p.master")
 CHECKPOINT_FILE = "checkpoint.msgpack"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TIMINGS = 100_000
+SETTLE_ATTEMPTS = 5
 
 
 class JobFailed(RuntimeError):
@@ -89,10 +103,20 @@ class MasterConfig:
     """The pinned compute profile: torch threads per calculation."""
     max_result_bytes: int = 512 * 1024 * 1024
     mismatch_tolerance: int = 1
+    chain_heartbeat_s: float = 10.0
+    """How often a paid job's master tells the escrow it is alive (well below its timeout)."""
+    min_escrow_time_s: float = 600.0
+    """A paid job whose escrow deadline is nearer than this at submission is refused."""
+    settle_margin_s: float = 120.0
+    """Training stops this long before the escrow's deadline, so the settlement lands in time."""
 
     def __post_init__(self) -> None:
         if self.result_deadline_s <= 0 or self.worker_wait_s <= 0:
             raise ValueError("result_deadline_s and worker_wait_s must be positive")
+        if self.chain_heartbeat_s <= 0 or self.settle_margin_s <= 0:
+            raise ValueError("chain_heartbeat_s and settle_margin_s must be positive")
+        if self.min_escrow_time_s <= self.settle_margin_s:
+            raise ValueError("min_escrow_time_s must be longer than settle_margin_s")
         if self.max_extra_workers < 0 or self.max_vote_attempts < 1:
             raise ValueError("max_extra_workers must be >= 0 and max_vote_attempts >= 1")
 
@@ -139,6 +163,8 @@ class JobStatus:
     calculations_accepted: int = 0
     results_rejected: int = 0
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    settlement: Settled | None = None
+    """What the escrow paid when a paid job settled."""
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -170,6 +196,10 @@ class _JobRun:
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self.optimizer_digest: str | None = None
         self.changed = trio.Event()
+        self.training = trio.CancelScope()
+        """Training of this job: its deadline is the escrow's, less the time to settle."""
+        self.escrow_lost = ""
+        """Why the escrow stopped this master from running the job, if it did."""
         self._agree_cache: dict[tuple[str, str], bool] = {}
 
     # --- shards and seeds --------------------------------------------------------
@@ -307,6 +337,10 @@ class Master:
             return refuse(str(exc))
         if manifest.requester != requester:
             return refuse("manifest.requester: names another peer than the one submitting it")
+        if manifest.chain is not None:
+            reason = await self._escrow_refusal(manifest)
+            if reason:
+                return refuse(reason)
         try:
             info = manifest.data
             build_model(
@@ -324,6 +358,60 @@ class Master:
         )
         return JobReceipt(job=job_id, accepted=True, queue_position=position)
 
+    async def _escrow_refusal(self, manifest: JobManifest) -> str:
+        """Why this master must not run a paid job, or ""."""
+        chain = self.node.chain
+        if chain is None or chain.deployment != manifest.chain:
+            return "escrow: this master is not connected to the chain that holds the job's escrow"
+        try:
+            job = await chain.job(job_key(manifest.job_id))
+            reason = check_escrow(manifest, job)
+            if reason:
+                return reason
+            master = await chain.master_of(job_key(manifest.job_id))
+            left = job.deadline - await chain.now()
+        except ChainError as exc:
+            return f"escrow: cannot read the job on-chain ({exc})"
+        if left < self.config.min_escrow_time_s:
+            return (f"escrow: the deadline is {left} s away; this master needs at least "
+                    f"{self.config.min_escrow_time_s:.0f} s to train and settle")
+        if master != chain.address:
+            return f"escrow: the job's master on-chain is {master}, not this node ({chain.address})"
+        return ""
+
+    async def _heartbeat_escrow(self, run: _JobRun) -> None:
+        """Tell the escrow, now and then, that this master still runs the job.
+
+        When the escrow refuses (another master took the job over, it was
+        refunded), the job is lost to this master: training stops at once.
+        """
+        chain = self.node.chain
+        assert chain is not None
+        while True:
+            try:
+                await chain.heartbeat(job_key(run.job_id))
+            except ContractReverted as exc:
+                run.escrow_lost = f"the escrow no longer lets this master run it ({exc.reason})"
+                run.training.cancel()
+                return
+            except ChainError as exc:
+                log.warning("Escrow heartbeat for job %s failed: %s", short(run.job_id), exc)
+            await trio.sleep(self.config.chain_heartbeat_s)
+
+    async def _time_left(self, run: _JobRun) -> float:
+        """Seconds of training a paid job has before it must stop to settle by its deadline."""
+        chain = self.node.chain
+        assert chain is not None
+        try:
+            job = await chain.job(job_key(run.job_id))
+            now = await chain.now()
+        except ChainError as exc:
+            raise JobFailed(f"cannot read the job's escrow: {exc}") from None
+        left = job.deadline - now - self.config.settle_margin_s
+        if left <= 0:
+            raise JobFailed("the escrow's deadline is too near to train and settle")
+        return left
+
     # --- one job -------------------------------------------------------------------
     async def _run_job(self, run: _JobRun) -> None:
         run.status.state = "running"
@@ -333,7 +421,15 @@ class Master:
             nursery.start_soon(self._read_job_topic, run, channel)
             try:
                 await self._prepare(run)
-                reason = await self._train_announced(run)
+                with run.training:
+                    if run.manifest.chain is not None:
+                        run.training.deadline = trio.current_time() + await self._time_left(run)
+                        nursery.start_soon(self._heartbeat_escrow, run)
+                    reason = await self._train_announced(run)
+                if run.escrow_lost:
+                    raise JobFailed(run.escrow_lost)
+                if run.training.cancelled_caught:
+                    reason = "stopped before the escrow's deadline, to settle in time"
                 run.status.state = "done"
             except JobFailed as exc:
                 log.error("Job %s failed: %s", short(run.job_id), exc)
@@ -621,6 +717,10 @@ class Master:
             return f"calculation {header.calc} was not assigned to this worker"
         if header.size > self.config.max_result_bytes:
             return f"result of {header.size} bytes exceeds {self.config.max_result_bytes}"
+        if not result_signed_by(run.manifest, worker, header.calc, header.digest,
+                                header.signature):
+            run.rejected += 1
+            return "the result's EIP-712 signature is not the worker's"
         return ""
 
     def _take_result(
@@ -679,10 +779,16 @@ class Master:
                 run.changed.set()
 
     async def _finish(self, run: _JobRun, reason: str) -> None:
+        credits = tuple(run.credit_rows())
+        settled = None
+        if run.manifest.chain is not None and not run.escrow_lost:
+            credits, settled = await self._settle(run, credits)
+        if run.manifest.chain is not None and settled is None:
+            reason = f"{reason}; not settled (the requester can refund after the deadline)"
         done = JobDone(
             job=run.job_id, rounds=run.round, weights=run.weights_digest, reason=reason[:256],
             calculations_accepted=run.accepted_total, results_rejected=run.rejected,
-            credits=tuple(run.credit_rows()),
+            credits=credits, settle_tx=settled.tx_hash if settled else "",
         )
         run.status.reason = reason
         try:
@@ -691,6 +797,48 @@ class Master:
             log.warning("Could not publish the end of job %s: %s", short(run.job_id), exc)
         self._checkpoint(run, finished=True)
         log.info("Job %s finished after %d rounds: %s", short(run.job_id), run.round, reason)
+
+    async def _settle(
+        self, run: _JobRun, credits: tuple[WorkerCredit, ...]
+    ) -> tuple[tuple[WorkerCredit, ...], Settled | None]:
+        """Post the payouts' merkle root to the escrow.
+
+        Returns the credits with the partners the tree was built from, and
+        what the escrow paid (None when settling failed: logged). A failed
+        attempt is retried while the escrow's deadline allows.
+        """
+        chain = self.node.chain
+        if chain is None:
+            log.error("Job %s is paid but this master has no chain to settle it on",
+                      short(run.job_id))
+            return credits, None
+        key = job_key(run.job_id)
+        settled = None
+        for attempt in range(1, SETTLE_ATTEMPTS + 1):
+            try:
+                job = await chain.job(key)
+                if attempt == 1:
+                    credits = tuple(await with_partners(chain, credits))
+                plan = payout_plan(run.manifest, credits, job.deposit)
+                settled = await chain.settle(key, plan.root, plan.accepted_results,
+                                             plan.partner_total)
+                break
+            except ContractReverted as exc:
+                log.error("The escrow refused to settle job %s: %s", short(run.job_id), exc)
+                return credits, None
+            except (ChainError, ValueError) as exc:
+                log.warning("Settling job %s failed (attempt %d of %d): %s",
+                            short(run.job_id), attempt, SETTLE_ATTEMPTS, exc)
+                await trio.sleep(2.0 * attempt)
+        if settled is None:
+            return credits, None
+        run.status.settlement = settled
+        log.info(
+            "Settled job %s: %d accepted results, cost %d, master fee %d, refund %d (tx %s)",
+            short(run.job_id), settled.accepted_results, settled.cost, settled.master_fee,
+            settled.refund, settled.tx_hash,
+        )
+        return credits, settled
 
     # --- checkpoints ---------------------------------------------------------------------
     def _checkpoint(self, run: _JobRun, finished: bool = False) -> None:

@@ -4,7 +4,10 @@ It is the whitepaper's data repository for its own job: it loads the dataset,
 keeps the holdout split to itself, cuts the training split into
 content-addressed shards, stores and announces them (and the initial weights
 and the manifest) so workers can fetch them from it or from each other, and
-submits the job to a master. While the job runs it scores round records on the
+submits the job to a master. On a node with a chain, the job is paid: the
+requester deposits its budget in the job escrow first, and submits to the
+master the escrow names (the committee member ranked first for the job id).
+While the job runs it scores round records on the
 holdout (every `evaluate_every` rounds, always the newest) and publishes signed
 evaluations, which is how the master learns that a target was reached.
 """
@@ -19,10 +22,13 @@ from typing import Any
 import numpy as np
 import trio
 
+from consensus.election import rank_masters
+from ravenp2p.chain.base import Deployment
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.data.store import chunk_digests
 from ravenp2p.network.base import NetworkError
 from ravenp2p.node.node import Node, short
+from ravenp2p.roles.escrow import job_key, max_calculations, peer_address
 from ravenp2p.roles.protocol import SUBMIT_PROTOCOL, job_topic
 from ravenp2p.training.compute import Evaluation as Score
 from ravenp2p.training.compute import ModelRuntime
@@ -37,12 +43,18 @@ from ravenp2p.wire.job_messages import Evaluation, JobDone, JobReceipt, JobSubmi
 log = logging.getLogger("ravenp2p.requester")
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+ESCROW_DEADLINE_S = 24 * 3600
+"""Default time a master has to settle a paid job before the requester may take its deposit back."""
 ROUND_RECORD_GRACE_S = 15.0
 """How long the requester waits, after the end of a job, for round records gossip missed."""
 
 
 class JobRefused(RuntimeError):
     """The master refused the job; the message carries its reason."""
+
+
+class NoMaster(RuntimeError):
+    """No master can be named for the job: no chain to elect one, or it is not a known peer."""
 
 
 @dataclass
@@ -93,8 +105,15 @@ class PreparedJob:
     blobs: dict[str, bytes]
 
 
-def prepare_job(spec: JobSpec, requester: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> PreparedJob:
+def prepare_job(
+    spec: JobSpec,
+    requester: str,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chain: Deployment | None = None,
+) -> PreparedJob:
     """Load the data, pick the model when `auto`, cut shards, make the initial weights.
+
+    `chain` names the deployment that will hold the job's escrow (None: unpaid).
 
     CPU-bound and blocking: call it in a worker thread.
     """
@@ -118,7 +137,7 @@ def prepare_job(spec: JobSpec, requester: str, chunk_size: int = DEFAULT_CHUNK_S
     manifest = JobManifest(
         spec=spec, data=info, shards=tuple(shards), initial_weights=weights_digest,
         requester=requester, holdout_samples=len(holdout.targets), chunk_size=chunk_size,
-        created_ms=int(time.time() * 1000),
+        created_ms=int(time.time() * 1000), chain=chain,
     )
     blobs[manifest.job_id] = manifest.encode()
     return PreparedJob(manifest, info, holdout, blobs)
@@ -144,24 +163,47 @@ class Requester:
             finally:
                 self._nursery = None
 
-    async def submit(self, spec: JobSpec, master: str, timeout: float = 60.0) -> JobHandle:
-        """Prepare the job, publish its blobs, and hand it to `master`.
+    async def submit(
+        self,
+        spec: JobSpec,
+        master: str | None = None,
+        timeout: float = 60.0,
+        *,
+        deadline_s: float = ESCROW_DEADLINE_S,
+    ) -> JobHandle:
+        """Prepare the job, publish its blobs, and hand it to its master.
 
-        Raises `JobRefused` with the master's reason, `NetworkError` when the
-        master cannot be reached.
+        On a node with a chain the job is paid: its budget is deposited in the
+        escrow (settlement is due within `deadline_s`) and `master` defaults to
+        the one the escrow names. Raises `JobRefused` with the master's reason,
+        `NoMaster`, `ChainError` when the deposit fails, `NetworkError` when
+        the master cannot be reached.
         """
         if self._nursery is None:
             raise RuntimeError("Requester.run must be started before submitting")
-        prepared = await trio.to_thread.run_sync(prepare_job, spec, self.node.peer_id)
-        return await self.submit_prepared(prepared, master, timeout)
+        chain = self.node.chain
+        deployment = chain.deployment if chain is not None else None
+        prepared = await trio.to_thread.run_sync(
+            prepare_job, spec, self.node.peer_id, DEFAULT_CHUNK_SIZE, deployment
+        )
+        return await self.submit_prepared(prepared, master, timeout, deadline_s=deadline_s)
 
     async def submit_prepared(
-        self, prepared: PreparedJob, master: str, timeout: float = 60.0
+        self,
+        prepared: PreparedJob,
+        master: str | None = None,
+        timeout: float = 60.0,
+        *,
+        deadline_s: float = ESCROW_DEADLINE_S,
     ) -> JobHandle:
-        """Hand an already prepared job to `master` (see `submit`)."""
+        """Hand an already prepared job to its master (see `submit`)."""
         if self._nursery is None:
             raise RuntimeError("Requester.run must be started before submitting")
         manifest = prepared.manifest
+        if manifest.chain is not None:
+            master = await self._open_escrow(manifest, master, deadline_s)
+        if master is None:
+            raise NoMaster("an unpaid job needs a master named by the caller")
         store = self.node.store
         for digest, raw in prepared.blobs.items():
             store.put_verified(digest, raw)
@@ -189,6 +231,49 @@ class Requester:
         log.info("Job %s (%s) accepted by %s", short(manifest.job_id), manifest.spec.name,
                  short(master))
         return handle
+
+    async def _open_escrow(
+        self, manifest: JobManifest, master: str | None, deadline_s: float
+    ) -> str:
+        """Deposit the job's budget in its escrow; the peer id of the master it names.
+
+        The master is predicted from the epoch's committee before anything is
+        deposited, so a job that no known peer could run locks no money.
+        """
+        chain = self.node.chain
+        if chain is None or chain.deployment != manifest.chain:
+            raise NoMaster("the job is paid on a chain this node is not connected to")
+        spec = manifest.spec
+        key = job_key(manifest.job_id)
+        epoch = await chain.current_epoch()
+        if await chain.is_elected(epoch):
+            master = self._check_master(master, rank_masters(key, await chain.committee(epoch))[0])
+        deadline = await chain.now() + int(deadline_s)
+        tx = await chain.create_job(
+            key, spec.price_per_calculation, spec.redundancy, max_calculations(manifest),
+            deadline, spec.budget,
+        )
+        log.info("Deposited %d base units for job %s (tx %s)", spec.budget,
+                 short(manifest.job_id), tx)
+        return self._check_master(master, await chain.master_of(key))
+
+    def _check_master(self, master: str | None, named: str) -> str:
+        """`master`, or the peer with the `named` address, when the two are the same peer."""
+        if master is None:
+            peer = self.node.peer_with_address(named)
+            if peer is None:
+                raise NoMaster(f"the job's master {named} is not a peer this node knows")
+            return peer
+        if peer_address(master) != named:
+            raise NoMaster(f"{master} is not the job's master: the escrow names {named}")
+        return master
+
+    async def refund(self, job_id: str) -> str:
+        """Take back the deposit of a paid job nobody settled by its deadline (the tx hash)."""
+        chain = self.node.chain
+        if chain is None:
+            raise NoMaster("refunds need a chain")
+        return await chain.refund(job_key(job_id))
 
     async def _announce_blobs(self, digests: list[str]) -> None:
         for digest in digests:

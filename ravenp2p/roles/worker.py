@@ -7,12 +7,15 @@ each job's manifest, and for every calculation assigned to it: waits for a
 token of its throttle (2 calculations/s per percent lent), fetches weights and
 shard by digest (cached; the shard fetch starts as soon as the order arrives),
 computes the gradient with the pinned profile in a worker thread, signs
-(job, calculation, digest) with its node key and streams the result to the
-master.
+(job, calculation, digest) with its node key (EIP-712, so the signature also
+counts on-chain) and streams the result to the master. When a paid job ends,
+it rebuilds the payout tree from the master's signed credits, checks it
+against the root settled on-chain and claims its payout.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -23,10 +26,20 @@ from typing import Any
 import numpy as np
 import trio
 
+from ravenp2p.chain.base import ChainError, ContractReverted
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.network.base import NetworkError
 from ravenp2p.network.framing import read_frame, write_frame
 from ravenp2p.node.node import Node, short
+from ravenp2p.roles.escrow import (
+    NotSettledYet,
+    SettlementMismatch,
+    check_escrow,
+    claim_own_payout,
+    job_key,
+    peer_address,
+    sign_result,
+)
 from ravenp2p.roles.protocol import JOBS_TOPIC, RESULT_PROTOCOL, job_topic
 from ravenp2p.roles.throttle import TokenBucket, calculation_rate
 from ravenp2p.training.compute import ComputeProfile, ModelRuntime
@@ -63,6 +76,7 @@ class WorkerConfig:
     cached_weights: int = 4
     cached_shards: int = 256
     max_jobs: int = 4
+    claim_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_threads < 1:
@@ -79,6 +93,8 @@ class WorkerStats:
     declined_jobs: int = 0
     throttled_s: float = 0.0
     compute_s: float = 0.0
+    earned: int = 0
+    """Base units of RAVEN claimed from settled jobs."""
 
 
 class _LRU:
@@ -104,6 +120,8 @@ class _JobContext:
         self.manifest = manifest
         self.master = master
         self.runtime = ModelRuntime(manifest.spec.model, manifest.data, manifest.spec.loss)
+        self.signed: dict[int, tuple[str, bytes]] = {}
+        """Calculation -> the digest this worker signed for it and the signature."""
 
 
 class Worker:
@@ -167,11 +185,16 @@ class Worker:
                 )
             manifest = JobManifest.decode(raw)
             context = _JobContext(manifest, master)
+            refusal = await self._escrow_refusal(manifest, master)
         except (BlobError, NetworkError, trio.TooSlowError, ManifestError, ValueError) as exc:
             log.warning("Cannot take part in job %s: %s", short(job_id), exc)
             return
+        if refusal:
+            log.warning("Declining job %s: %s", short(job_id), refusal)
+            return
         self._jobs[job_id] = context
         log.info("Joined job %s (%s) run by %s", short(job_id), manifest.spec.name, short(master))
+        done: JobDone | None = None
         try:
             channel = await self.node.topics.subscribe(job_topic(job_id))
             async with trio.open_nursery() as nursery:
@@ -181,14 +204,72 @@ class Worker:
                         continue
                     if isinstance(message, JobDone) and message.job == job_id:
                         log.info("Job %s is done: %s", short(job_id), message.reason)
+                        done = message
                         nursery.cancel_scope.cancel()
-                    elif isinstance(message, Assignment) and message.job == job_id:
+                        break
+                    if isinstance(message, Assignment) and message.job == job_id:
                         for order in message.orders:
                             if self.node.peer_id in order.workers:
                                 nursery.start_soon(self._calculate, context, order)
         finally:
             del self._jobs[job_id]
             channel.close()
+        if done is not None and manifest.chain is not None and done.settle_tx:
+            await self._claim(manifest, done)
+
+    async def _escrow_refusal(self, manifest: JobManifest, master: str) -> str:
+        """Why this worker must not work on a paid job (a copied or unfunded one), or ""."""
+        if manifest.chain is None:
+            return ""
+        chain = self.node.chain
+        if chain is None:
+            log.info("Job %s is paid on chain %d, which this node does not follow: its escrow "
+                     "is not checked and its payout must be claimed for it",
+                     short(manifest.job_id), manifest.chain.chain_id)
+            return ""
+        if chain.deployment != manifest.chain:
+            return "it is paid on a chain deployment this node is not connected to"
+        key = job_key(manifest.job_id)
+        try:
+            reason = check_escrow(manifest, await chain.job(key))
+            named = await chain.master_of(key) if not reason else ""
+        except ChainError as exc:
+            return f"its escrow cannot be read ({exc})"
+        if reason:
+            return reason
+        if named != peer_address(master):
+            return f"the escrow names {named} as its master, not the peer announcing it"
+        return ""
+
+    async def _claim(self, manifest: JobManifest, done: JobDone) -> None:
+        """Claim this node's payout of a settled job, after checking the settled root."""
+        chain = self.node.chain
+        if chain is None or chain.deployment != manifest.chain:
+            log.warning("Job %s paid on a chain this node is not connected to: not claiming",
+                        short(manifest.job_id))
+            return
+        amount = 0
+        try:
+            with trio.fail_after(self.config.claim_timeout_s):
+                for attempt in itertools.count(1):
+                    try:
+                        amount = await claim_own_payout(chain, manifest, done.credits)
+                        break
+                    except NotSettledYet as exc:  # our chain node may lag the master's
+                        log.info("Claim of job %s: %s (attempt %d)", short(manifest.job_id),
+                                 exc, attempt)
+                    except (ContractReverted, SettlementMismatch):
+                        raise
+                    except ChainError as exc:
+                        log.warning("Claim of job %s failed (attempt %d): %s",
+                                    short(manifest.job_id), attempt, exc)
+                    await trio.sleep(min(0.5 * attempt, 5.0))
+        except (ChainError, ValueError, trio.TooSlowError) as exc:
+            log.error("Could not claim the payout of job %s: %s", short(manifest.job_id), exc)
+            return
+        self.stats.earned += amount
+        if amount:
+            log.info("Claimed %d base units for job %s", amount, short(manifest.job_id))
 
     async def _calculate(self, context: _JobContext, order: CalculationOrder) -> None:
         job_id = context.manifest.job_id
@@ -219,10 +300,14 @@ class Worker:
         if self.tamper is not None:
             gradient = self.tamper(order, gradient)
         body = encode_tensors(gradient)
+        digest = digest_of(body)
+        signature = self._sign_once(context, order.calc, digest)
+        if signature is None:
+            return
         header = ResultHeader(
-            job=job_id, calc=order.calc, round=order.round, digest=digest_of(body),
+            job=job_id, calc=order.calc, round=order.round, digest=digest,
             size=len(body), loss=loss if np.isfinite(loss) else 0.0,
-            compute_ms=round(compute_s * 1000, 3),
+            compute_ms=round(compute_s * 1000, 3), signature=signature,
         )
         before_delivery = time.perf_counter()
         await self._deliver(context, header, body)
@@ -231,6 +316,25 @@ class Worker:
             1000 * (fetched - received), 1000 * compute_s,
             1000 * (time.perf_counter() - before_delivery),
         )
+
+    def _sign_once(self, context: _JobContext, calc: int, digest: str) -> bytes | None:
+        """The signature of (job, calc, digest), unless this worker signed another digest for it.
+
+        Two signed digests for one calculation are slashable equivocation,
+        whoever asked for the second (a master re-ordering it with other
+        inputs, a recomputation that differs): never sign a second one.
+        """
+        signed = context.signed.get(calc)
+        if signed is not None:
+            if signed[0] != digest:
+                log.warning("Calculation %d of job %s came out differently than the result this "
+                            "node already signed; not signing a second one", calc,
+                            short(context.manifest.job_id))
+                return None
+            return signed[1]
+        signature = sign_result(self.node.identity, context.manifest, calc, digest)
+        context.signed[calc] = (digest, signature)
+        return signature
 
     def _compute(
         self, context: _JobContext, weights: Tensors, shard: Split, order: CalculationOrder

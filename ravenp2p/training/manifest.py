@@ -2,7 +2,8 @@
 
 The requester writes it: the job spec (with the model chosen, when it was
 `auto`), what the data looks like, the list of shards (digest, size, chunk
-digests) and the digest of the initial weights. It travels as canonical
+digests) and the digest of the initial weights, and, for a paid job, the chain deployment that
+holds its escrow (results are signed in that deployment's EIP-712 domain). It travels as canonical
 msgpack bytes, so it is itself a content-addressed blob: the job id *is* the
 manifest's sha256, and nobody can change a job without changing its id.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 import msgpack
 
+from ravenp2p.chain.base import Deployment
 from ravenp2p.training.datasets import DataInfo, DatasetError
 from ravenp2p.training.spec import JobSpec, JobSpecError
 from ravenp2p.training.tensors import digest_of
@@ -26,7 +28,7 @@ MAX_SHARDS = 100_000
 MAX_SHARD_BYTES = 256 * 1024 * 1024
 
 _KEYS = ("version", "spec", "data", "shards", "initial_weights", "requester",
-         "holdout_samples", "chunk_size", "created_ms")
+         "holdout_samples", "chunk_size", "created_ms", "chain")
 
 
 class ManifestError(ValueError):
@@ -54,6 +56,8 @@ class JobManifest:
     holdout_samples: int
     chunk_size: int
     created_ms: int
+    chain: Deployment | None = None
+    """Where the job's escrow lives; None for an unpaid job (no chain)."""
 
     def encode(self) -> bytes:
         """Canonical msgpack bytes (fixed key order, no floats reformatted)."""
@@ -67,6 +71,9 @@ class JobManifest:
             "holdout_samples": self.holdout_samples,
             "chunk_size": self.chunk_size,
             "created_ms": self.created_ms,
+            "chain": None if self.chain is None else [
+                self.chain.chain_id, self.chain.token, self.chain.registry, self.chain.escrow,
+            ],
         }
         return msgpack.packb(body, use_bin_type=True)
 
@@ -117,6 +124,7 @@ class JobManifest:
             holdout_samples=_int("manifest.holdout_samples", body["holdout_samples"], 0),
             chunk_size=_int("manifest.chunk_size", body["chunk_size"], 4096),
             created_ms=_int("manifest.created_ms", body["created_ms"], 0),
+            chain=_chain(body["chain"]),
         )
         if manifest.encode() != data:
             raise ManifestError("manifest: not in canonical form")
@@ -146,6 +154,18 @@ def _text(field: str, value: Any, max_len: int) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= max_len:
         raise ManifestError(f"{field}: must be a string of 1 to {max_len} characters")
     return value
+
+
+def _chain(value: Any) -> Deployment | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 4:
+        raise ManifestError("manifest.chain: must be [chain id, token, registry, escrow] or nil")
+    try:
+        return Deployment.from_dict(dict(zip(("chain_id", "token", "registry", "escrow"),
+                                             value, strict=True)))
+    except ValueError as exc:
+        raise ManifestError(f"manifest.chain: {exc}") from None
 
 
 def _shards(value: Any) -> tuple[ShardRef, ...]:

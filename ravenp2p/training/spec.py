@@ -79,10 +79,11 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
+from consensus.settlement import MARGIN_PERCENT
+
 RAVEN = 10**18
 DECIMALS = 18
 MAX_AMOUNT_RAVEN = 10**12
-MARGIN_PERCENT = 10
 MAX_SPEC_BYTES = 1024 * 1024
 MAX_LAYERS = 64
 MAX_PATH_CHARS = 4096

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ravenp2p.wire.messages import PEER_ID_PATTERN
+from ravenp2p.wire.messages import ADDRESS_PATTERN, PEER_ID_PATTERN
 from ravenp2p.wire.schema import Message, constrained, register
 
 DIGEST_PATTERN = r"[0-9a-f]{64}"
@@ -101,9 +101,11 @@ class Assignment(Message):
 class ResultHeader(Message):
     """A worker's signed claim: "for this calculation my result has this digest".
 
-    Sent ahead of the result bytes on a stream to the master. The envelope's
-    signature over (job, calc, digest) is what voting, payment and evidence
-    rest on.
+    Sent ahead of the result bytes on a stream to the master. The envelope
+    authenticates the worker to the master; `signature` is the worker's EIP-712
+    signature of Result(job, calc, digest) in the job's chain domain, which
+    anyone (the stake registry included) can check: two of them with different
+    digests for one calculation are slashable equivocation.
     """
 
     TYPE = "job.result"
@@ -115,6 +117,7 @@ class ResultHeader(Message):
     size: int = constrained(min=1, max=1024 * 1024 * 1024)
     loss: float = constrained()
     compute_ms: float = constrained(min=0.0)
+    signature: bytes = constrained(min_len=65, max_len=65)
 
 
 @register
@@ -179,7 +182,12 @@ class Evaluation(Message):
 @register
 @dataclass(frozen=True)
 class WorkerCredit(Message):
-    """How many accepted calculations a worker is paid for, and its recorded faults."""
+    """How many accepted calculations a worker is paid for, and its recorded faults.
+
+    `partner` is the website partner the registry named for the worker when a
+    paid job settled ("" for none, or an unpaid job): part of what the
+    settled payout tree was built from, so workers rebuild the same tree.
+    """
 
     TYPE = "job.credit"
 
@@ -187,6 +195,7 @@ class WorkerCredit(Message):
     accepted: int = constrained(min=0)
     mismatches: int = constrained(min=0)
     excluded: bool = constrained()
+    partner: str = constrained(pattern=f"({ADDRESS_PATTERN})?", default="")
 
 
 @register
@@ -203,3 +212,5 @@ class JobDone(Message):
     calculations_accepted: int = constrained(min=0)
     results_rejected: int = constrained(min=0)
     credits: tuple[WorkerCredit, ...] = constrained(max_len=4096)
+    settle_tx: str = constrained(pattern=r"(0x[0-9a-f]{64})?", default="")
+    """The escrow settlement's transaction hash, for a paid job that settled."""

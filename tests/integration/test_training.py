@@ -166,7 +166,8 @@ async def test_bad_input_to_the_master_is_refused_and_it_keeps_serving() -> None
 async def send_result(node: Node, master: str, job: str, calc: int) -> tuple[bool, str]:
     """Offer the master a signed result header and return its verdict."""
     header = ResultHeader(
-        job=job, calc=calc, round=calc // 2, digest="cd" * 32, size=4, loss=0.0, compute_ms=1.0
+        job=job, calc=calc, round=calc // 2, digest="cd" * 32, size=4, loss=0.0, compute_ms=1.0,
+        signature=bytes(65),
     )
     stream = await node.network.open_bulk_stream(master, RESULT_PROTOCOL)
     try:

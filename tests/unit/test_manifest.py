@@ -8,6 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from ravenp2p.chain.base import Deployment
 from ravenp2p.devnet import devnet_spec
 from ravenp2p.identity import NodeIdentity
 from ravenp2p.roles.faults import FAULT_KINDS, ByzantineResults, FaultPool
@@ -61,6 +62,11 @@ def _body(prepared) -> dict:
         (lambda b: b["spec"]["payment"].update(budget="0.000001"), "manifest.spec.payment.budget"),
         (lambda b: b["spec"].update(redundancy=0), "manifest.spec.redundancy"),
         (lambda b: b.update(version=2), "manifest.version"),
+        (lambda b: b.update(chain=[1, "0x12"]), "manifest.chain"),
+        (lambda b: b.update(chain=[0, "0x" + "11" * 20, "0x" + "22" * 20, "0x" + "33" * 20]),
+         "manifest.chain"),
+        (lambda b: b.update(chain=[5, "0x" + "11" * 20, "not an address", "0x" + "33" * 20]),
+         "manifest.chain"),
     ],
 )
 def test_bad_manifests_are_refused_naming_the_field(prepared, change, field) -> None:
@@ -69,6 +75,14 @@ def test_bad_manifests_are_refused_naming_the_field(prepared, change, field) -> 
     with pytest.raises(ManifestError) as info:
         JobManifest.decode(msgpack.packb(body, use_bin_type=True))
     assert str(info.value).startswith(field)
+
+
+def test_a_paid_job_names_its_chain_deployment(prepared) -> None:
+    deployment = Deployment(31337, "0x" + "11" * 20, "0x" + "22" * 20, "0x" + "33" * 20)
+    paid = dataclasses.replace(prepared.manifest, chain=deployment)
+    assert JobManifest.decode(paid.encode()).chain == deployment
+    assert paid.job_id != prepared.manifest.job_id
+    assert JobManifest.decode(prepared.manifest.encode()).chain is None
 
 
 def test_non_canonical_and_garbage_bytes_are_refused(prepared) -> None:

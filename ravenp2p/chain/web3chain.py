@@ -1,0 +1,435 @@
+"""`Chain` over web3.py: the embedded eth-tester chain or any JSON-RPC node.
+
+The methods are `async` to fit the roles. Each JSON-RPC request runs inline
+(the embedded chain is in-process, and a node answers a request in
+milliseconds), but waiting for a transaction to be mined sleeps between polls
+of its receipt, so a chain with real block times never stalls the node's other
+tasks for a block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+from eth_utils import to_checksum_address
+from web3 import Web3
+from web3.contract import Contract
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from consensus.abi import UINT256_MAX
+from consensus.eip712 import Domain, result_digest, slash_order_digest, to_eth_signature
+from ravenp2p.chain.artifacts import load_artifact
+from ravenp2p.chain.base import (
+    ChainError,
+    Deployment,
+    JobOnChain,
+    JobStatusOnChain,
+    RegistryParams,
+    Settled,
+    StakeInfo,
+)
+from ravenp2p.chain.errors import chain_errors, endpoint_of
+from ravenp2p.chain.sender import TransactionSender
+from ravenp2p.identity import NodeIdentity
+
+PERMIT_VALIDITY = 3600  # seconds a permit signed for one transaction stays usable
+RECEIPT_FIRST_POLL_S = 0.005  # automining chains answer at once; real ones take a block
+RECEIPT_MAX_POLL_S = 1.0
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+
+def _bytes32(name: str, value: bytes) -> bytes:
+    if not isinstance(value, bytes | bytearray) or len(value) != 32:
+        got = len(value) if isinstance(value, bytes | bytearray) else type(value).__name__
+        raise ValueError(f"{name} must be 32 bytes, got {got}")
+    return bytes(value)
+
+
+def _uint(name: str, value: int, maximum: int = UINT256_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+    if not 0 <= value <= maximum:
+        raise ValueError(f"{name} must be between 0 and {maximum}, got {value}")
+    return value
+
+
+def _address(name: str, value: str) -> str:
+    try:
+        return str(to_checksum_address(value))
+    except (ValueError, TypeError):
+        raise ValueError(f"{name} is not a 20-byte hex address: {value!r}") from None
+
+
+def _signature(name: str, value: bytes) -> bytes:
+    if not isinstance(value, bytes | bytearray) or len(value) != 65:
+        got = len(value) if isinstance(value, bytes | bytearray) else type(value).__name__
+        raise ValueError(f"{name} must be a 65-byte signature, got {got}")
+    return bytes(value)
+
+
+class Web3Chain:
+    """The `Chain` interface for one account (the node key) on a deployment of the contracts."""
+
+    def __init__(
+        self,
+        w3: Web3,
+        deployment: Deployment,
+        secret: bytes,
+        receipt_timeout: float = 120.0,
+    ) -> None:
+        self._w3 = w3
+        self._deployment = deployment
+        self._identity = NodeIdentity.from_secret(bytes(secret))
+        self._sender = TransactionSender(w3, bytes(secret), receipt_timeout)
+        if self._sender.chain_id != deployment.chain_id:
+            raise ChainError(
+                f"the deployment is for chain id {deployment.chain_id} but the node at "
+                f"{endpoint_of(w3)} runs chain id {self._sender.chain_id}"
+            )
+        self._contracts: dict[str, Contract] = {}
+        for name, address in (
+            ("RavenToken", deployment.token),
+            ("StakeRegistry", deployment.registry),
+            ("JobEscrow", deployment.escrow),
+        ):
+            checksummed = _address(f"deployment {name} address", address)
+            with chain_errors(w3, name, "eth_getCode"):
+                code = w3.eth.get_code(checksummed)
+            if not code:
+                raise ChainError(
+                    f"no contract at {checksummed} (the deployment's {name}) on "
+                    f"{endpoint_of(w3)}: wrong chain or stale deployment file?"
+                )
+            self._contracts[name] = w3.eth.contract(
+                address=checksummed, abi=load_artifact(name).abi
+            )
+        self._result_domain: Domain | None = None
+
+    # ------------------------------------------------------------ plumbing
+
+    @property
+    def address(self) -> str:
+        """This account's address (the node's address)."""
+        return self._sender.address
+
+    @property
+    def deployment(self) -> Deployment:
+        return self._deployment
+
+    @property
+    def w3(self) -> Web3:
+        """The web3 connection this chain object uses."""
+        return self._w3
+
+    def resync_nonce(self) -> None:
+        """Re-read this account's nonce from the chain (after a snapshot revert, say)."""
+        self._sender.resync_nonce()
+
+    def _view(self, contract: str, function: str, *args: Any) -> Any:
+        with chain_errors(self._w3, contract, function):
+            return getattr(self._contracts[contract].functions, function)(*args).call()
+
+    async def _transact(self, contract: str, function: str, *args: Any) -> TxReceipt:
+        """Send a transaction and wait for it to be mined, sleeping (not blocking) in between."""
+        target = self._contracts[contract]
+        data = target.encode_abi(function, args=list(args))
+        tx_hash = self._sender.submit(contract, function, target.address, data)
+        poll = RECEIPT_FIRST_POLL_S
+        try:
+            with trio.fail_after(self._sender.receipt_timeout):
+                while (receipt := self._sender.receipt_of(contract, function, tx_hash)) is None:
+                    await trio.sleep(poll)
+                    poll = min(poll * 2, RECEIPT_MAX_POLL_S)
+        except trio.TooSlowError:
+            raise ChainError(
+                f"{contract}.{function}: transaction {tx_hash.to_0x_hex()} not mined within "
+                f"{self._sender.receipt_timeout:.0f} s at {endpoint_of(self._w3)}"
+            ) from None
+        return receipt
+
+    async def _tx(self, contract: str, function: str, *args: Any) -> str:
+        receipt = await self._transact(contract, function, *args)
+        return str(receipt["transactionHash"].to_0x_hex())
+
+    def _latest_timestamp(self) -> int:
+        with chain_errors(self._w3, "chain", "eth_getBlockByNumber"):
+            return int(self._w3.eth.get_block("latest")["timestamp"])
+
+    def _sign_permit(self, spender: str, amount: int) -> tuple[int, int, bytes, bytes]:
+        """An EIP-2612 permit for `spender` to take `amount` of this account's tokens."""
+        token = "RavenToken"
+        _, name, version, chain_id, verifying, _, _ = self._view(token, "eip712Domain")
+        nonce = self._view(token, "nonces", self.address)
+        deadline = self._latest_timestamp() + PERMIT_VALIDITY
+        signed = self._sender.account.sign_typed_data(
+            domain_data={
+                "name": name,
+                "version": version,
+                "chainId": chain_id,
+                "verifyingContract": verifying,
+            },
+            message_types={
+                "Permit": [
+                    {"name": "owner", "type": "address"},
+                    {"name": "spender", "type": "address"},
+                    {"name": "value", "type": "uint256"},
+                    {"name": "nonce", "type": "uint256"},
+                    {"name": "deadline", "type": "uint256"},
+                ]
+            },
+            message_data={
+                "owner": self.address,
+                "spender": spender,
+                "value": amount,
+                "nonce": nonce,
+                "deadline": deadline,
+            },
+        )
+        return deadline, signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big")
+
+    def _domain(self) -> Domain:
+        if self._result_domain is None:
+            _, name, version, chain_id, verifying, _, _ = self._view(
+                "StakeRegistry", "eip712Domain"
+            )
+            self._result_domain = Domain(chain_id, verifying, name, version)
+        return self._result_domain
+
+    # ---------------------------------------------------------------- clock
+
+    async def now(self) -> int:
+        """The latest block's timestamp: the clock the contracts judge deadlines by."""
+        return self._latest_timestamp()
+
+    # ---------------------------------------------------------------- token
+
+    async def balance_of(self, account: str) -> int:
+        return int(self._view("RavenToken", "balanceOf", _address("account", account)))
+
+    async def transfer(self, to: str, amount: int) -> str:
+        return await self._tx("RavenToken", "transfer", _address("to", to), _uint("amount", amount))
+
+    async def mint(self, to: str, amount: int) -> str:
+        """Create `amount` RAVEN for `to`; only the token's owner (the deployer) may."""
+        return await self._tx("RavenToken", "mint", _address("to", to), _uint("amount", amount))
+
+    # ------------------------------------------------------- stake registry
+
+    async def registry_params(self) -> RegistryParams:
+        return RegistryParams(*(int(v) for v in self._view("StakeRegistry", "params")))
+
+    async def stake(self, amount: int) -> str:
+        """Stake `amount` of this account's tokens in one transaction (EIP-2612 permit)."""
+        _uint("amount", amount)
+        deadline, v, r, s = self._sign_permit(self._deployment.registry, amount)
+        return await self._tx("StakeRegistry", "stakeWithPermit", amount, deadline, v, r, s)
+
+    async def request_unbond(self, amount: int) -> str:
+        return await self._tx("StakeRegistry", "requestUnbond", _uint("amount", amount))
+
+    async def withdraw(self) -> str:
+        return await self._tx("StakeRegistry", "withdraw")
+
+    async def become_candidate(self) -> str:
+        return await self._tx("StakeRegistry", "becomeCandidate")
+
+    async def leave_candidacy(self) -> str:
+        """Leave the master candidate set."""
+        return await self._tx("StakeRegistry", "leaveCandidacy")
+
+    async def set_partner(self, partner: str) -> str:
+        return await self._tx("StakeRegistry", "setPartner", _address("partner", partner))
+
+    async def stake_of(self, node: str) -> StakeInfo:
+        active, unbonding, release = self._view("StakeRegistry", "stakeOf", _address("node", node))
+        return StakeInfo(int(active), int(unbonding), int(release))
+
+    async def partner_of(self, node: str) -> str | None:
+        """The node's website partner, or None when it has none."""
+        partner = str(self._view("StakeRegistry", "partnerOf", _address("node", node)))
+        return None if int(partner, 16) == 0 else str(to_checksum_address(partner))
+
+    async def candidates(self) -> list[str]:
+        return [str(to_checksum_address(a)) for a in self._view("StakeRegistry", "candidates")]
+
+    async def current_epoch(self) -> int:
+        return int(self._view("StakeRegistry", "currentEpoch"))
+
+    async def elect(self) -> str:
+        return await self._tx("StakeRegistry", "elect")
+
+    async def is_elected(self, epoch: int) -> bool:
+        return bool(self._view("StakeRegistry", "isElected", _uint("epoch", epoch)))
+
+    async def committee(self, epoch: int) -> list[str]:
+        members = self._view("StakeRegistry", "committee", _uint("epoch", epoch))
+        return [str(to_checksum_address(a)) for a in members]
+
+    async def epoch_seed(self, epoch: int) -> bytes:
+        return bytes(self._view("StakeRegistry", "epochSeed", _uint("epoch", epoch)))
+
+    async def slash_equivocation(
+        self,
+        worker: str,
+        job_id: bytes,
+        calculation: int,
+        digest_a: bytes,
+        signature_a: bytes,
+        digest_b: bytes,
+        signature_b: bytes,
+    ) -> str:
+        return await self._tx(
+            "StakeRegistry",
+            "slashEquivocation",
+            _address("worker", worker),
+            _bytes32("job_id", job_id),
+            _uint("calculation", calculation, UINT64_MAX),
+            _bytes32("digest_a", digest_a),
+            _signature("signature_a", signature_a),
+            _bytes32("digest_b", digest_b),
+            _signature("signature_b", signature_b),
+        )
+
+    async def slash_by_committee(
+        self, offender: str, amount: int, evidence: bytes, epoch: int, signatures: list[bytes]
+    ) -> str:
+        order = (
+            _address("offender", offender),
+            _uint("amount", amount),
+            _bytes32("evidence", evidence),
+            _uint("epoch", epoch),
+        )
+        sigs = [_signature(f"signatures[{i}]", s) for i, s in enumerate(signatures)]
+        return await self._tx("StakeRegistry", "slashByCommittee", order, sigs)
+
+    def sign_result(self, job_id: bytes, calculation: int, digest: bytes) -> bytes:
+        """This account's EIP-712 `Result` signature (65 bytes, v 27/28) in the registry's domain.
+
+        Two of these over different digests for one calculation are the
+        evidence `slash_equivocation` takes.
+        """
+        message = result_digest(
+            self._domain(),
+            _bytes32("job_id", job_id),
+            _uint("calculation", calculation, UINT64_MAX),
+            _bytes32("digest", digest),
+        )
+        return to_eth_signature(self._identity.sign_digest(message))
+
+    def sign_slash_order(self, offender: str, amount: int, evidence: bytes, epoch: int) -> bytes:
+        """This account's EIP-712 `SlashOrder` signature (65 bytes, v 27/28) as committee member."""
+        message = slash_order_digest(
+            self._domain(),
+            _address("offender", offender),
+            _uint("amount", amount),
+            _bytes32("evidence", evidence),
+            _uint("epoch", epoch),
+        )
+        return to_eth_signature(self._identity.sign_digest(message))
+
+    # ----------------------------------------------------------- job escrow
+
+    async def create_job(
+        self,
+        job_id: bytes,
+        price: int,
+        redundancy: int,
+        max_calculations: int,
+        deadline: int,
+        deposit: int,
+    ) -> str:
+        """Open the job with its deposit in one transaction (EIP-2612 permit)."""
+        args = (
+            _bytes32("job_id", job_id),
+            _uint("price", price),
+            _uint("redundancy", redundancy, UINT32_MAX),
+            _uint("max_calculations", max_calculations, UINT64_MAX),
+            _uint("deadline", deadline, UINT64_MAX),
+            _uint("deposit", deposit),
+        )
+        permit_deadline, v, r, s = self._sign_permit(self._deployment.escrow, deposit)
+        return await self._tx("JobEscrow", "createJobWithPermit", *args, permit_deadline, v, r, s)
+
+    async def job(self, job_id: bytes) -> JobOnChain:
+        raw = self._view("JobEscrow", "getJob", _bytes32("job_id", job_id))
+        return _job_from_tuple(job_id, raw)
+
+    async def master_of(self, job_id: bytes) -> str:
+        master = self._view("JobEscrow", "masterOf", _bytes32("job_id", job_id))
+        return str(to_checksum_address(master))
+
+    async def ranked_masters(self, job_id: bytes) -> list[str]:
+        masters = self._view("JobEscrow", "rankedMasters", _bytes32("job_id", job_id))
+        return [str(to_checksum_address(a)) for a in masters]
+
+    async def heartbeat(self, job_id: bytes) -> str:
+        return await self._tx("JobEscrow", "heartbeat", _bytes32("job_id", job_id))
+
+    async def take_over(self, job_id: bytes) -> str:
+        return await self._tx("JobEscrow", "takeOver", _bytes32("job_id", job_id))
+
+    async def settle(
+        self, job_id: bytes, root: bytes, accepted_results: int, partner_total: int
+    ) -> Settled:
+        receipt = await self._transact(
+            "JobEscrow",
+            "settle",
+            _bytes32("job_id", job_id),
+            _bytes32("root", root),
+            _uint("accepted_results", accepted_results),
+            _uint("partner_total", partner_total),
+        )
+        events = self._contracts["JobEscrow"].events.JobSettled().process_receipt(
+            receipt, errors=DISCARD
+        )
+        if len(events) != 1:
+            raise ChainError(f"settle: expected one JobSettled event, found {len(events)}")
+        event = events[0]["args"]
+        return Settled(
+            tx_hash=receipt["transactionHash"].to_0x_hex(),
+            accepted_results=int(event["acceptedResults"]),
+            cost=int(event["cost"]),
+            master_fee=int(event["masterFee"]),
+            partner_total=int(event["partnerTotal"]),
+            protocol_fee=int(event["protocolFee"]),
+            refund=int(event["refund"]),
+        )
+
+    async def claim(self, job_id: bytes, account: str, amount: int, proof: list[bytes]) -> str:
+        return await self._tx(
+            "JobEscrow",
+            "claim",
+            _bytes32("job_id", job_id),
+            _address("account", account),
+            _uint("amount", amount),
+            [_bytes32(f"proof[{i}]", p) for i, p in enumerate(proof)],
+        )
+
+    async def has_claimed(self, job_id: bytes, account: str) -> bool:
+        return bool(
+            self._view(
+                "JobEscrow", "hasClaimed", _bytes32("job_id", job_id), _address("account", account)
+            )
+        )
+
+    async def refund(self, job_id: bytes) -> str:
+        return await self._tx("JobEscrow", "refund", _bytes32("job_id", job_id))
+
+
+def _job_from_tuple(job_id: bytes, raw: Sequence[Any]) -> JobOnChain:
+    """A `getJob` result (the escrow's struct, in `JobOnChain`'s field order) as `JobOnChain`."""
+    fields: list[Any] = list(raw)
+    convert: list[Callable[[Any], Any]] = [
+        lambda a: str(to_checksum_address(a)),
+        int, int, int, int, int, int, int, int,
+        lambda s: JobStatusOnChain(int(s)),
+        bytes, int, int,
+    ]
+    if len(fields) != len(convert):
+        raise ChainError(f"getJob returned {len(fields)} fields, expected {len(convert)}")
+    values = [f(v) for f, v in zip(convert, fields, strict=True)]
+    return JobOnChain(bytes(job_id), *values)
+

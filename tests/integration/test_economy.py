@@ -1,0 +1,188 @@
+"""The devnet's whole economy: stake, election, escrow, training, settlement, claims.
+
+Real py-libp2p hosts on loopback, real torch training on digits, real
+contracts on a real EVM: the embedded eth-tester chain, and anvil.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from consensus.election import rank_masters
+from consensus.settlement import settle
+from ravenp2p.chain.base import ContractReverted, Deployment, JobStatusOnChain
+from ravenp2p.chain.deploy import deploy_contracts, save_deployment
+from ravenp2p.chain.devchain import Anvil, anvil_path
+from ravenp2p.chain.web3chain import Web3Chain
+from ravenp2p.devnet import RAVEN, devnet_spec, run_devnet, start_devnet
+from ravenp2p.identity import create_identity
+from ravenp2p.roles.escrow import job_key, max_calculations
+from ravenp2p.roles.protocol import SUBMIT_PROTOCOL
+from ravenp2p.roles.requester import DEFAULT_CHUNK_SIZE, NoMaster, prepare_job
+from ravenp2p.wire.job_messages import JobReceipt, JobSubmit
+
+JOB_TIMEOUT = 240.0
+
+
+def check_money(report: dict[str, Any]) -> None:
+    """Payouts, fees and refund follow the payout rules to the wei and add up to the deposit."""
+    spec_price = devnet_spec().price_per_calculation
+    workers = {row["address"]: row for row in report["workers"]}
+    assert set(report["payouts"]) <= set(workers)
+    cost = 0
+    for address, row in workers.items():
+        expected = row["accepted"] * spec_price
+        assert report["payouts"].get(address, 0) == expected, address
+        cost += expected
+        if row["byzantine"]:
+            assert report["payouts"].get(address, 0) == 0
+    assert cost == report["calculations_accepted"] * 3 * spec_price
+    fees = report["fees"]
+    assert fees["master"] == cost * 5 // 100
+    assert fees["partner"] == 0  # no devnet node names a website partner
+    assert fees["protocol"] == cost * 10 // 100 - fees["master"]
+    assert report["refund"] == report["deposit"] - cost - cost * 10 // 100
+    total = sum(report["payouts"].values()) + sum(fees.values()) + report["refund"]
+    assert total == report["deposit"]
+    # ... and exactly as consensus/settlement.py settles them.
+    credits = {address: row["accepted"] for address, row in workers.items() if row["accepted"]}
+    plan = settle(credits, spec_price, dict.fromkeys(credits), report["deposit"])
+    assert {a: v for a, v in report["payouts"].items() if v} == dict(plan.worker_payouts)
+    assert (fees["master"], fees["partner"], fees["protocol"], report["refund"]) == (
+        plan.master_fee, plan.partner_total, plan.protocol_fee, plan.refund)
+    assert report["settle_tx"].startswith("0x")
+
+
+async def test_devnet_pays_verified_work_on_the_embedded_chain() -> None:
+    report = await run_devnet(4, byzantine=1, seed=3, timeout=JOB_TIMEOUT)
+    assert report["test_accuracy"] >= 0.95
+    assert report["calculations_accepted"] > 0
+    check_money(report)
+    honest = [row for row in report["workers"] if not row["byzantine"]]
+    assert sum(report["payouts"][row["address"]] for row in honest) > 0
+
+
+@pytest.mark.skipif(anvil_path() is None, reason="anvil is not installed (run `make install`)")
+async def test_devnet_pays_verified_work_on_anvil() -> None:
+    with Anvil() as anvil:
+        report = await run_devnet(3, timeout=JOB_TIMEOUT, chain_backend=anvil)
+    assert report["test_accuracy"] >= 0.95
+    check_money(report)
+
+
+async def test_a_paid_job_runs_only_at_its_ranked_master_and_an_unsettled_deposit_returns() -> None:
+    async with start_devnet(3, masters=2, economy=True) as net:
+        money = net.economy
+        assert money is not None
+        requester = net.requester
+        spec = devnet_spec()
+        await money.owner.mint(requester.node.identity.address, spec.budget)
+        prepared = await trio.to_thread.run_sync(
+            prepare_job, spec, requester.node.peer_id, DEFAULT_CHUNK_SIZE, money.deployment
+        )
+        manifest = prepared.manifest
+        key = job_key(manifest.job_id)
+        committee = await money.owner.committee(await money.owner.current_epoch())
+        first = rank_masters(key, committee)[0]
+        wrong = next(m for m in net.masters if m.node.identity.address != first)
+        # The requester does not deposit for a master the escrow would not name...
+        with pytest.raises(NoMaster, match="not the job's master"):
+            await requester.submit_prepared(prepared, wrong.node.peer_id)
+        assert (await money.owner.job(key)).status is JobStatusOnChain.NONE
+        # ... and a master refuses a paid job the escrow gives to another.
+        chain = requester.node.chain
+        assert chain is not None
+        spec = manifest.spec
+        deadline = await chain.now() + 900
+        await chain.create_job(key, spec.price_per_calculation, spec.redundancy,
+                               max_calculations(manifest), deadline, spec.budget)
+        for digest, raw in prepared.blobs.items():
+            requester.node.store.put_verified(digest, raw)
+        receipt = await submit(requester.node, wrong.node.peer_id, manifest.job_id,
+                               len(manifest.encode()))
+        assert not receipt.accepted and "master on-chain is" in receipt.reason
+        assert manifest.job_id not in wrong.jobs
+        # Nobody settled it: after the deadline the whole deposit goes back.
+        with pytest.raises(ContractReverted, match="DeadlineNotPassed"):
+            await requester.refund(manifest.job_id)
+        money.backend.advance_time(901)
+        before = await chain.balance_of(chain.address)
+        await requester.refund(manifest.job_id)
+        assert await chain.balance_of(chain.address) - before == spec.budget
+        assert (await chain.job(key)).status is JobStatusOnChain.REFUNDED
+
+
+async def submit(node, master: str, job_id: str, size: int) -> JobReceipt:
+    """Hand a master a job submission directly and return its receipt."""
+    request = node.codec.seal(JobSubmit(manifest=job_id, manifest_size=size),
+                              context=SUBMIT_PROTOCOL)
+    reply = await node.network.request(master, SUBMIT_PROTOCOL, request, timeout=60)
+    receipt = node.codec.open(reply, context=SUBMIT_PROTOCOL, from_peer=master).message
+    assert isinstance(receipt, JobReceipt)
+    return receipt
+
+
+CLI = [str(Path(sys.executable).with_name("ravenp2p"))]
+
+
+@pytest.mark.skipif(anvil_path() is None, reason="anvil is not installed (run `make install`)")
+def test_a_node_daemon_stakes_and_stands_for_master_on_an_external_chain(tmp_path) -> None:
+    with Anvil() as anvil:
+        deployment = deploy_contracts(anvil.w3, anvil.funded_secret)
+        contracts = tmp_path / "contracts.json"
+        save_deployment(deployment, contracts)
+        identity = create_identity(tmp_path / "node")
+        anvil.fund(identity.address, 10**18)
+        owner = Web3Chain(anvil.w3, deployment, anvil.funded_secret)
+        trio.run(owner.mint, identity.address, 300 * RAVEN)
+        args = [*CLI, "node", "--data-dir", str(tmp_path / "node"), "--chain", anvil.url,
+                "--contracts", str(contracts), "--stake", "200", "--candidate", "--master"]
+        log = tmp_path / "node.log"
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if identity.address in trio.run(owner.candidates):
+                    break
+                assert process.poll() is None, log.read_text()
+                time.sleep(0.25)
+            stake = trio.run(owner.stake_of, identity.address)
+            assert stake.active == 200 * RAVEN
+            assert identity.address in trio.run(owner.candidates), log.read_text()
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+        assert "200000000000000000000 base units staked" in log.read_text()
+        assert trio.run(owner.balance_of, identity.address) == 100 * RAVEN
+
+
+def test_node_chain_settings_are_checked_with_one_line_errors(tmp_path) -> None:
+    no_chain = subprocess.run(
+        [*CLI, "node", "--data-dir", str(tmp_path / "a"), "--stake", "5"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert no_chain.returncode == 2
+    assert no_chain.stderr.strip().count("\n") == 0 and "need --chain" in no_chain.stderr
+    contracts = tmp_path / "contracts.json"
+    save_deployment(Deployment(31337, "0x" + "11" * 20, "0x" + "22" * 20, "0x" + "33" * 20),
+                    contracts)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    unreachable = subprocess.run(
+        [*CLI, "node", "--data-dir", str(tmp_path / "b"), "--chain",
+         f"http://127.0.0.1:{closed}", "--contracts", str(contracts)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert unreachable.returncode == 1
+    errors = [line for line in unreachable.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in unreachable.stderr
+    assert errors[0].startswith("ravenp2p: error:") and f"127.0.0.1:{closed}" in errors[0]

@@ -1,0 +1,117 @@
+"""The rules the roles share about a paid job: result signatures, escrow checks, addresses."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from consensus.eip712 import Domain, from_eth_signature, result_digest
+from ravenp2p.chain.base import Deployment, JobOnChain, JobStatusOnChain
+from ravenp2p.devnet import devnet_spec
+from ravenp2p.identity import NodeIdentity, address_of, recover_signer
+from ravenp2p.roles.escrow import (
+    check_escrow,
+    job_key,
+    max_calculations,
+    peer_address,
+    result_signed_by,
+    sign_result,
+)
+from ravenp2p.roles.requester import prepare_job
+from ravenp2p.roles.worker import Worker, _JobContext
+
+SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+DEPLOYMENT = Deployment(31337, "0x" + "11" * 20, "0x" + "22" * 20, "0x" + "33" * 20)
+DIGEST = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    prepared = prepare_job(devnet_spec("digits", 3), NodeIdentity.generate().peer_id,
+                           chain=DEPLOYMENT)
+    return prepared.manifest
+
+
+def test_a_result_signature_is_eip712_in_the_registry_domain(manifest) -> None:
+    worker = NodeIdentity.generate()
+    signature = sign_result(worker, manifest, 7, DIGEST)
+    assert len(signature) == 65 and signature[64] in (27, 28)
+    domain = Domain(chain_id=DEPLOYMENT.chain_id, verifying_contract=DEPLOYMENT.registry)
+    digest = result_digest(domain, job_key(manifest.job_id), 7, bytes.fromhex(DIGEST))
+    assert address_of(recover_signer(digest, from_eth_signature(signature))) == worker.address
+    assert result_signed_by(manifest, worker.peer_id, 7, DIGEST, signature)
+
+
+def test_a_signature_does_not_carry_over_to_anything_else(manifest) -> None:
+    worker, other = NodeIdentity.generate(), NodeIdentity.generate()
+    signature = sign_result(worker, manifest, 7, DIGEST)
+    assert not result_signed_by(manifest, other.peer_id, 7, DIGEST, signature)
+    assert not result_signed_by(manifest, worker.peer_id, 8, DIGEST, signature)
+    assert not result_signed_by(manifest, worker.peer_id, 7, "cd" * 32, signature)
+    elsewhere = dataclasses.replace(
+        manifest, chain=dataclasses.replace(DEPLOYMENT, chain_id=DEPLOYMENT.chain_id + 1)
+    )
+    assert not result_signed_by(elsewhere, worker.peer_id, 7, DIGEST, signature)
+    unpaid = dataclasses.replace(manifest, chain=None)
+    assert not result_signed_by(unpaid, worker.peer_id, 7, DIGEST, signature)
+    assert result_signed_by(unpaid, worker.peer_id, 7, DIGEST,
+                            sign_result(worker, unpaid, 7, DIGEST))
+    assert not result_signed_by(manifest, worker.peer_id, 7, DIGEST, bytes(65))
+    # The malleable twin (n - s, flipped v) recovers the same key; the chain refuses it.
+    r, s_value, v = signature[:32], int.from_bytes(signature[32:64], "big"), signature[64]
+    twin = r + (SECP256K1_ORDER - s_value).to_bytes(32, "big") + bytes([55 - v])
+    assert not result_signed_by(manifest, worker.peer_id, 7, DIGEST, twin)
+
+
+def test_a_peer_address_is_derived_from_its_key() -> None:
+    identity = NodeIdentity.generate()
+    assert peer_address(identity.peer_id) == identity.address
+    with pytest.raises(ValueError):
+        peer_address("not-a-peer-id")
+
+
+def _job(manifest, **changes) -> JobOnChain:
+    spec = manifest.spec
+    job = JobOnChain(
+        job_id=job_key(manifest.job_id), requester=peer_address(manifest.requester),
+        price=spec.price_per_calculation, redundancy=spec.redundancy,
+        max_calculations=max_calculations(manifest), deadline=2**40, deposit=spec.budget,
+        epoch=0, master_rank=0, last_heartbeat=0, status=JobStatusOnChain.OPEN, root=bytes(32),
+        payout_total=0, claimed_total=0,
+    )
+    return dataclasses.replace(job, **changes)
+
+
+def test_an_escrow_that_matches_the_spec_is_accepted(manifest) -> None:
+    assert check_escrow(manifest, _job(manifest)) == ""
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"status": JobStatusOnChain.SETTLED}, "settled on-chain"),
+        ({"status": JobStatusOnChain.NONE}, "none on-chain"),
+        ({"price": 1}, "price per calculation"),
+        ({"redundancy": 1}, "redundancy"),
+        ({"max_calculations": 5}, "maximum calculations"),
+        ({"deposit": 1}, "does not cover"),
+        ({"requester": "0x" + "44" * 20}, "not by the job's requester"),
+    ],
+)
+def test_an_escrow_that_does_not_match_is_refused_with_the_reason(manifest, changes, words):
+    assert words in check_escrow(manifest, _job(manifest, **changes))
+
+
+def test_a_worker_never_signs_two_digests_for_one_calculation(manifest) -> None:
+    """Whoever re-orders a calculation, a second, different result would be equivocation."""
+    identity = NodeIdentity.generate()
+    worker = Worker.__new__(Worker)  # only the signing logic, above any network
+    worker.node = SimpleNamespace(identity=identity)
+    context = _JobContext(manifest, master=NodeIdentity.generate().peer_id)
+    first = worker._sign_once(context, 3, DIGEST)
+    assert first is not None and result_signed_by(manifest, identity.peer_id, 3, DIGEST, first)
+    assert worker._sign_once(context, 3, DIGEST) == first
+    assert worker._sign_once(context, 3, "cd" * 32) is None
+    assert worker._sign_once(context, 4, "cd" * 32) is not None
