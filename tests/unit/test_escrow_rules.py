@@ -9,6 +9,9 @@ import pytest
 
 from consensus.eip712 import Domain, from_eth_signature, result_digest
 from ravenp2p.chain.base import Deployment, JobOnChain, JobStatusOnChain
+from ravenp2p.chain.deploy import RAVEN, deploy_contracts
+from ravenp2p.chain.devchain import EmbeddedChain
+from ravenp2p.chain.web3chain import Web3Chain
 from ravenp2p.devnet import devnet_spec
 from ravenp2p.identity import NodeIdentity, address_of, recover_signer
 from ravenp2p.roles.escrow import (
@@ -115,3 +118,35 @@ def test_a_worker_never_signs_two_digests_for_one_calculation(manifest) -> None:
     assert worker._sign_once(context, 3, DIGEST) == first
     assert worker._sign_once(context, 3, "cd" * 32) is None
     assert worker._sign_once(context, 4, "cd" * 32) is not None
+
+
+async def test_a_worker_checks_a_paid_jobs_escrow_and_master_before_working() -> None:
+    dev = EmbeddedChain()
+    deployment = deploy_contracts(dev.w3, dev.funded_secret)
+    owner = Web3Chain(dev.w3, deployment, dev.funded_secret)
+    master, requester, worker_key = (NodeIdentity.generate() for _ in range(3))
+    chains = {}
+    for identity in (master, requester, worker_key):
+        dev.fund(identity.address, 10**18)
+        chains[identity.address] = Web3Chain(dev.w3, deployment, identity.private_key.secret)
+    await owner.mint(master.address, 200 * RAVEN)
+    await chains[master.address].stake(200 * RAVEN)
+    await chains[master.address].become_candidate()
+    manifest = prepare_job(devnet_spec("digits", 3), requester.peer_id, chain=deployment).manifest
+    worker = Worker.__new__(Worker)  # only the escrow check, above any network
+    worker.node = SimpleNamespace(chain=chains[worker_key.address])
+
+    assert "none on-chain" in await worker._escrow_refusal(manifest, master.peer_id)
+    spec = manifest.spec
+    await owner.mint(requester.address, spec.budget)
+    await chains[requester.address].create_job(
+        job_key(manifest.job_id), spec.price_per_calculation, spec.redundancy,
+        max_calculations(manifest), await owner.now() + 3600, spec.budget,
+    )
+    assert await worker._escrow_refusal(manifest, master.peer_id) == ""
+    impostor = NodeIdentity.generate().peer_id
+    assert "names" in await worker._escrow_refusal(manifest, impostor)
+    elsewhere = dataclasses.replace(
+        manifest, chain=dataclasses.replace(deployment, chain_id=deployment.chain_id + 1)
+    )
+    assert "not connected" in await worker._escrow_refusal(elsewhere, master.peer_id)
