@@ -124,10 +124,13 @@ def payout_plan(
     Pure: the master settles with it and every worker rebuilds the same tree
     from the signed `job.done`, whatever the registry says later.
     """
-    earned = {peer_address(row.worker): row.accepted for row in credits if row.accepted > 0}
-    partners = {
-        peer_address(row.worker): row.partner or None for row in credits if row.accepted > 0
-    }
+    earned: dict[str, int] = {}
+    partners: dict[str, str | None] = {}
+    for row in credits:
+        if row.accepted > 0:
+            address = peer_address(row.worker)
+            earned[address] = row.accepted
+            partners[address] = row.partner or None
     return settle(
         earned, manifest.spec.price_per_calculation, partners, deposit,
         max_results=max_calculations(manifest) * manifest.spec.redundancy,

@@ -23,12 +23,21 @@ from ravenp2p.chain.base import ContractReverted, Deployment, JobStatusOnChain
 from ravenp2p.chain.deploy import deploy_contracts, save_deployment
 from ravenp2p.chain.devchain import Anvil, anvil_path
 from ravenp2p.chain.web3chain import Web3Chain
-from ravenp2p.devnet import RAVEN, devnet_spec, run_devnet, settle_report, start_devnet, summarize
+from ravenp2p.devnet import (
+    RAVEN,
+    Devnet,
+    devnet_spec,
+    run_devnet,
+    settle_report,
+    start_devnet,
+    summarize,
+)
 from ravenp2p.identity import create_identity
 from ravenp2p.roles.escrow import job_key, max_calculations
 from ravenp2p.roles.master import MasterConfig
 from ravenp2p.roles.protocol import SUBMIT_PROTOCOL
 from ravenp2p.roles.requester import DEFAULT_CHUNK_SIZE, NoMaster, prepare_job
+from ravenp2p.training.spec import JobSpec
 from ravenp2p.wire.job_messages import JobReceipt, JobSubmit
 
 JOB_TIMEOUT = 240.0
@@ -190,15 +199,20 @@ def test_node_chain_settings_are_checked_with_one_line_errors(tmp_path) -> None:
     assert errors[0].startswith("ravenp2p: error:") and f"127.0.0.1:{closed}" in errors[0]
 
 
+async def funded_spec_without_target(net: Devnet) -> JobSpec:
+    """The devnet job with no accuracy target (it runs to its last round), its budget minted."""
+    assert net.economy is not None
+    spec = devnet_spec()
+    spec = dataclasses.replace(spec, stop=dataclasses.replace(spec.stop, target_accuracy=None))
+    await net.economy.owner.mint(net.requester.node.identity.address, spec.budget)
+    return spec
+
+
 async def test_a_paid_job_stops_in_time_to_settle_before_its_escrow_deadline() -> None:
     """Training that would outlast the escrow stops early; what was accepted is still paid."""
     config = MasterConfig(min_escrow_time_s=10.0, settle_margin_s=4.0)
     async with start_devnet(3, masters=1, economy=True, master_config=config) as net:
-        money = net.economy
-        assert money is not None
-        spec = devnet_spec()
-        spec = dataclasses.replace(spec, stop=dataclasses.replace(spec.stop, target_accuracy=None))
-        await money.owner.mint(net.requester.node.identity.address, spec.budget)
+        spec = await funded_spec_without_target(net)
         handle = await net.requester.submit(spec, deadline_s=16)
         result = await handle.wait(JOB_TIMEOUT)
         assert result.done.reason.startswith("stopped before the escrow's deadline")
@@ -214,11 +228,7 @@ async def test_a_master_the_escrow_no_longer_accepts_stops_without_settling() ->
     """A master that gave up its stake loses the job: its heartbeat is refused, training stops."""
     config = MasterConfig(chain_heartbeat_s=0.5)
     async with start_devnet(3, masters=1, economy=True, master_config=config) as net:
-        money = net.economy
-        assert money is not None
-        spec = devnet_spec()
-        spec = dataclasses.replace(spec, stop=dataclasses.replace(spec.stop, target_accuracy=None))
-        await money.owner.mint(net.requester.node.identity.address, spec.budget)
+        spec = await funded_spec_without_target(net)
         handle = await net.requester.submit(spec)
         with trio.fail_after(60):
             while len(handle.rounds) < 2:
@@ -230,5 +240,6 @@ async def test_a_master_the_escrow_no_longer_accepts_stops_without_settling() ->
         result = await handle.wait(JOB_TIMEOUT)
         assert "MasterStakeTooLow" in result.done.reason and not result.done.settle_tx
         assert result.done.rounds < spec.stop.max_rounds
-        job = await money.owner.job(job_key(result.job_id))
+        assert net.economy is not None
+        job = await net.economy.owner.job(job_key(result.job_id))
         assert job.status is JobStatusOnChain.OPEN  # the requester refunds after the deadline
