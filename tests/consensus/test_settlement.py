@@ -42,6 +42,7 @@ def jobs(draw: st.DrawFn) -> tuple[dict[str, int], dict[str, str | None], int, i
     workers = draw(st.lists(addresses, min_size=0, max_size=12, unique=True))
     credits = {w: draw(st.integers(0, 50)) for w in workers}
     outsiders = draw(st.lists(addresses, min_size=1, max_size=3))
+    outsiders.append("0x" + "00" * 20)
     partner_pool = outsiders + workers
     partners: dict[str, str | None] = {
         w: draw(st.one_of(st.none(), st.sampled_from(partner_pool))) for w in workers
@@ -71,9 +72,11 @@ def test_settlement_conserves_the_deposit_to_the_wei(
         canonical = to_checksum_address(worker)
         assert s.worker_payouts.get(canonical, 0) == count * price
         partner = partners[worker]
-        if count and partner is not None:
+        if count and partner is not None and int(partner, 16) != 0:
             share = s.partner_payouts.get(to_checksum_address(partner), 0)
             assert share >= count * price * 3 // 100
+    # The zero address stands for "no partner": its fee stays with the protocol.
+    assert to_checksum_address("0x" + "00" * 20) not in s.partner_payouts
     assert set(s.leaves) == set(s.worker_payouts) | set(s.partner_payouts)
     assert all(amount > 0 for amount in s.leaves.values())
 
