@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--stake", metavar="RAVEN", default="0",
                       help="keep this much RAVEN staked, topped up from the wallet at start")
     node.add_argument("--candidate", action="store_true",
-                      help="stand as a master candidate (needs the registry's minimum stake)")
+                      help="stand as a master candidate (needs the registry's minimum stake; "
+                      "implies --master: an elected member must run, watch and take over jobs)")
     node.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     node.add_argument("--log-json", action="store_true", help="write logs as JSON lines")
 
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     devnet.add_argument("--masters", type=int, default=2, metavar="M",
                         help="master candidates that stake and stand for the committee "
                         "(default 2)")
+    devnet.add_argument("--kill-master-at", type=int, metavar="ROUND",
+                        help="kill the job's master once it has recorded this round, to see "
+                        "the next committee member take over")
     devnet.add_argument("--timeout", type=float, default=600.0,
                         help="seconds the job may take (default 600)")
     _add_json(devnet)
@@ -219,6 +223,7 @@ def _devnet(args: argparse.Namespace) -> int:
         functools.partial(
             run_devnet, args.nodes, args.byzantine, spec, timeout=args.timeout,
             worker_processes=args.processes, masters=args.masters,
+            kill_master_at=args.kill_master_at,
         )
     )
     if args.json:
@@ -246,6 +251,9 @@ def _devnet(args: argparse.Namespace) -> int:
               f" + protocol fee {format_amount(fees['protocol'])} + refund "
               f"{format_amount(report['refund'])}")
         print(f"  settled in transaction {report['settle_tx']}")
+    for failover in report.get("failovers", []):
+        print(f"  round {failover['round']}: {failover['new_master']} took over from "
+              f"{failover['old_master']} in {failover['seconds_to_resume']:.1f} s")
     return EXIT_OK
 
 

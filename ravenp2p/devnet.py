@@ -12,6 +12,11 @@ job's budget in escrow and submits to the master the escrow ranks first; that
 master settles a merkle root of the payouts, and every worker claims its own.
 The report then adds the payouts, the fees, the refund and the deposit, which
 add up to the deposit to the wei.
+
+With `kill_master_at`, the job's master is killed (its node stops at once,
+without a word to anyone) once the job reaches that round: the next-ranked
+committee member takes the job over from its replica and finishes it, and the
+report lists each failover with the seconds it took to resume.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +37,7 @@ from typing import Any
 import trio
 
 from ravenp2p.chain.base import Deployment, JobStatusOnChain
-from ravenp2p.chain.deploy import deploy_contracts
+from ravenp2p.chain.deploy import deploy_contracts, save_deployment
 from ravenp2p.chain.devchain import DevChain, EmbeddedChain
 from ravenp2p.chain.web3chain import Web3Chain
 from ravenp2p.identity import NodeIdentity, create_identity
@@ -42,7 +47,7 @@ from ravenp2p.node.node import Node
 from ravenp2p.roles.escrow import job_key, payout_plan, peer_address
 from ravenp2p.roles.faults import ByzantineResults, FaultPool
 from ravenp2p.roles.master import Master, MasterConfig
-from ravenp2p.roles.requester import JobResult, Requester
+from ravenp2p.roles.requester import JobHandle, JobResult, Requester
 from ravenp2p.roles.worker import Worker, WorkerConfig
 from ravenp2p.training.spec import JobSpec, parse_job_spec
 
@@ -97,12 +102,16 @@ class DevnetEconomy:
     balances_before: dict[str, int] = field(default_factory=dict)
     """Address -> token balance once staked, before the job: payouts are the growth."""
 
-    async def account(self, identity: NodeIdentity, tokens: int) -> Web3Chain:
-        """A funded chain account for a node's key, with `tokens` RAVEN minted to it."""
-        chain = Web3Chain(self.backend.w3, self.deployment, identity.private_key.secret)
+    async def fund(self, identity: NodeIdentity, tokens: int) -> None:
+        """Give a node's address gas money and `tokens` RAVEN."""
         self.backend.fund(identity.address, GAS_MONEY)
         if tokens:
             await self.owner.mint(identity.address, tokens)
+
+    async def account(self, identity: NodeIdentity, tokens: int) -> Web3Chain:
+        """A funded chain account for a node's key, with `tokens` RAVEN minted to it."""
+        chain = Web3Chain(self.backend.w3, self.deployment, identity.private_key.secret)
+        await self.fund(identity, tokens)
         self.accounts[identity.peer_id] = chain
         return chain
 
@@ -129,9 +138,20 @@ def devnet_spec(
     return parse_job_spec(text, source="devnet")
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a master process runs: a command prefix (such as `ip netns exec NS`) and its host.
+
+    `host` is the IPv4 address its node listens on.
+    """
+
+    prefix: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+
+
 @dataclass
-class WorkerProcess:
-    """A worker running as its own `ravenp2p node` process (true parallelism on many cores)."""
+class NodeProcess:
+    """A node running as its own `ravenp2p node` process (a worker, or a master to kill)."""
 
     peer_id: str
     process: trio.Process
@@ -158,12 +178,31 @@ class Devnet:
     workers: list[Worker]
     byzantine: set[str] = field(default_factory=set)
     nodes: list[Node] = field(default_factory=list)
-    processes: list[WorkerProcess] = field(default_factory=list)
+    processes: list[NodeProcess] = field(default_factory=list)
+    """Worker processes."""
     economy: DevnetEconomy | None = None
+    kill_scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
+    """Peer id -> the cancel scope that kills that in-process master's node."""
+    master_processes: list[NodeProcess] = field(default_factory=list)
+    """Masters running as `ravenp2p node --candidate` processes."""
+
+    @property
+    def master_ids(self) -> list[str]:
+        """Every master's peer id, in-process or not."""
+        return ([m.node.peer_id for m in self.masters]
+                + [p.peer_id for p in self.master_processes])
+
+    def kill_master(self, peer_id: str) -> None:
+        """Stop a master at once: no goodbye, no end of job (SIGKILL for a process)."""
+        for process in self.master_processes:
+            if process.peer_id == peer_id:
+                process.process.kill()
+                return
+        self.kill_scopes[peer_id].cancel()
 
     @property
     def master(self) -> Master:
-        """The first master: every node joins through it; unpaid jobs go to it."""
+        """The first in-process master: unpaid jobs go to it."""
         return self.masters[0]
 
     def master_named(self, peer_id: str) -> Master:
@@ -173,7 +212,7 @@ class Devnet:
                 return master
         raise KeyError(f"{peer_id} is not a master of this devnet")
 
-    async def start_worker_process(self, data_dir: Path, share: int = 10) -> WorkerProcess:
+    async def start_worker_process(self, data_dir: Path, share: int = 10) -> NodeProcess:
         """Start a consenting worker daemon that joins through the master.
 
         It runs without a chain account (an embedded chain lives in this
@@ -184,16 +223,46 @@ class Devnet:
         log_path = data_dir / "node.log"
         command = [
             sys.executable, "-m", "ravenp2p.cli", "node", "--data-dir", str(data_dir),
-            "--bootstrap", self.master.node.network.listen_addrs[0],
+            "--bootstrap", self.nodes[0].network.listen_addrs[0],
             "--share", str(share), "--i-consent", "--log-level", "info",
         ]
         with log_path.open("wb") as log_file:
             process = await trio.lowlevel.open_process(
                 command, stdout=log_file, stderr=subprocess.STDOUT
             )
-        worker = WorkerProcess(identity.peer_id, process, log_path)
+        worker = NodeProcess(identity.peer_id, process, log_path)
         self.processes.append(worker)
         return worker
+
+    async def start_master_process(self, data_dir: Path, placement: Placement) -> NodeProcess:
+        """Start a master candidate daemon on the devnet's chain (which must have a URL).
+
+        It stakes `MASTER_STAKE` and stands as candidate itself; it joins
+        through the devnet's first node.
+        """
+        money = self.economy
+        url = getattr(money.backend, "url", None) if money is not None else None
+        if money is None or url is None:
+            raise ValueError("master processes need the economy on a chain with a URL (anvil)")
+        identity = create_identity(data_dir)
+        await money.fund(identity, MASTER_STAKE)
+        contracts = data_dir / "contracts.json"
+        save_deployment(money.deployment, contracts)
+        log_path = data_dir / "node.log"
+        command = [
+            *placement.prefix, sys.executable, "-m", "ravenp2p.cli", "node",
+            "--data-dir", str(data_dir), "--listen", f"/ip4/{placement.host}/tcp/0",
+            "--bootstrap", self.nodes[0].network.listen_addrs[0], "--chain", url,
+            "--contracts", str(contracts), "--stake", str(MASTER_STAKE // RAVEN), "--candidate",
+            "--log-level", "info",
+        ]
+        with log_path.open("wb") as log_file:
+            process = await trio.lowlevel.open_process(
+                command, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        master = NodeProcess(identity.peer_id, process, log_path)
+        self.master_processes.append(master)
+        return master
 
 
 @asynccontextmanager
@@ -210,6 +279,9 @@ async def start_devnet(
     masters: int = 1,
     economy: bool = False,
     chain_backend: DevChain | None = None,
+    master_processes: tuple[Placement, ...] = (),
+    listen_host: str = "127.0.0.1",
+    equivocators: int = 0,
 ) -> AsyncIterator[Devnet]:
     """Start masters, a requester and `workers` workers; stop them all on exit.
 
@@ -221,6 +293,12 @@ async def start_devnet(
     With `economy`, contracts are deployed on `chain_backend` (default: a new
     embedded chain), every node stakes, the masters stand as candidates and
     the committee of the epoch is elected before the devnet is handed over.
+
+    With `master_processes` (one `Placement` per master, on a chain with a
+    URL), the masters run as `ravenp2p node --candidate` processes instead,
+    which `Devnet.kill_master` SIGKILLs. In-process nodes listen on
+    `listen_host`. The first `equivocators` honest in-process workers also
+    sign a second, different result for each calculation (slashable).
     """
     if workers < 1:
         raise ValueError("a devnet needs at least 1 worker")
@@ -230,6 +308,10 @@ async def start_devnet(
         raise ValueError("worker_processes must be between 0 and the number of honest workers")
     if not 0 <= byzantine <= workers:
         raise ValueError(f"--byzantine must be between 0 and the number of workers ({workers})")
+    if master_processes and (len(master_processes) != masters or not economy):
+        raise ValueError("master_processes needs the economy and one placement per master")
+    if not 0 <= equivocators <= workers - worker_processes - byzantine:
+        raise ValueError("equivocators must be between 0 and the honest in-process workers")
     rng = random.Random(seed)
     faulty = set(rng.sample(range(workers - worker_processes), byzantine))
     pool = FaultPool()
@@ -245,71 +327,96 @@ async def start_devnet(
                 config = NodeConfig(
                     data_dir=data_dir, bootstrap=bootstrap, share=share if consent else 0,
                     consent=consent, control=False, announce_interval_s=5.0,
-                    peer_expiry_s=30.0,
+                    peer_expiry_s=30.0, listen=(f"/ip4/{listen_host}/tcp/0",),
                 )
                 chain = await money.account(identity, stake) if money else None
                 if chain is not None and stake:
                     await chain.stake(stake)
-                return Node(Libp2pNetwork(identity), identity, config, chain=chain)
+                return Node(Libp2pNetwork(identity, config.listen), identity, config, chain=chain)
+
+            kill_scopes: dict[str, trio.CancelScope] = {}
 
             async def start(node: Node) -> None:
                 await nursery.start(node.run)
                 nodes.append(node)
 
+            async def run_killable(node: Node, *, task_status: trio.TaskStatus[Node]) -> None:
+                with trio.CancelScope() as scope:
+                    kill_scopes[node.peer_id] = scope
+                    await node.run(task_status=task_status)
+
             master_roles = []
-            for i in range(masters):
+            for i in range(0 if master_processes else masters):
                 master_node = await make_node(f"master{i}", consent=False, stake=MASTER_STAKE)
                 if master_node.chain is not None:
                     await master_node.chain.become_candidate()
                 master = Master(master_node, master_config)
                 master_node.add_role(master.run)
-                await start(master_node)
+                await nursery.start(run_killable, master_node)
+                nodes.append(master_node)
                 master_roles.append(master)
             requester_node = await make_node("requester", consent=False)
             requester = Requester(requester_node)
             requester_node.add_role(requester.run)
             await start(requester_node)
             net = Devnet(masters=master_roles, requester=requester, workers=[], nodes=nodes,
-                         economy=money)
-            in_process = workers - worker_processes
-            for i in range(worker_processes):
-                await net.start_worker_process(Path(tmp) / f"process{i}", share)
-            for i in range(in_process):
-                node = await make_node(f"worker{i}", consent=True, stake=WORKER_STAKE)
-                faulty_here = i in faulty
-                tamper = ByzantineResults(seed=seed + i, pool=pool) if faulty_here else None
-                worker = Worker(node, worker_config, tamper)
-                node.add_role(worker.run)
-                await start(node)
-                net.workers.append(worker)
-                if tamper is not None:
-                    net.byzantine.add(node.peer_id)
-            if money is not None:
-                await money.owner.elect()
-                for peer, chain in money.accounts.items():
-                    money.balances_before[peer_address(peer)] = await chain.balance_of(
-                        chain.address
-                    )
-            expected = workers + masters
+                         economy=money, kill_scopes=kill_scopes)
             try:
-                with trio.fail_after(timeout):
-                    for master in master_roles:
-                        await master.node.wait_for_peers(expected)
-                    await requester_node.wait_for_peers(expected)
-            except trio.TooSlowError:
-                raise DevnetError(
-                    f"the masters and the requester did not discover all {expected} other "
-                    f"peers within {timeout:.0f} s"
-                ) from None
-            try:
+                for i, placement in enumerate(master_processes):
+                    await net.start_master_process(Path(tmp) / f"master{i}", placement)
+                in_process = workers - worker_processes
+                for i in range(worker_processes):
+                    await net.start_worker_process(Path(tmp) / f"process{i}", share)
+                for i in range(in_process):
+                    node = await make_node(f"worker{i}", consent=True, stake=WORKER_STAKE)
+                    faulty_here = i in faulty
+                    tamper = ByzantineResults(seed=seed + i, pool=pool) if faulty_here else None
+                    honest_rank = i - sum(1 for f in faulty if f < i)
+                    second = (ByzantineResults(seed=seed + i, kinds=("scaled",))
+                              if not faulty_here and honest_rank < equivocators else None)
+                    worker = Worker(node, worker_config, tamper, second)
+                    node.add_role(worker.run)
+                    await start(node)
+                    net.workers.append(worker)
+                    if tamper is not None:
+                        net.byzantine.add(node.peer_id)
+                if money is not None:
+                    await _wait_for_candidates(money, masters, timeout)
+                    await money.owner.elect()
+                    nursery.start_soon(money.backend.keep_time)
+                    for peer, chain in money.accounts.items():
+                        money.balances_before[peer_address(peer)] = await chain.balance_of(
+                            chain.address
+                        )
+                expected = workers + masters
+                try:
+                    with trio.fail_after(timeout):
+                        for master in master_roles:
+                            await master.node.wait_for_peers(expected)
+                        await requester_node.wait_for_peers(expected)
+                except trio.TooSlowError:
+                    raise DevnetError(
+                        f"the masters and the requester did not discover all {expected} other "
+                        f"peers within {timeout:.0f} s"
+                    ) from None
                 yield net
             finally:
                 with trio.CancelScope(shield=True):
-                    for worker_process in net.processes:
-                        await worker_process.stop()
+                    for process in (*net.processes, *net.master_processes):
+                        await process.stop()
                 for node in nodes:
                     node.stop()
                 nursery.cancel_scope.cancel()
+
+
+async def _wait_for_candidates(money: DevnetEconomy, count: int, timeout: float) -> None:
+    """Wait until `count` masters stand as candidates (processes stake on their own)."""
+    with trio.move_on_after(timeout):
+        for _poll in itertools.count():
+            if len(await money.owner.candidates()) >= count:
+                return
+            await trio.sleep(0.2)
+    raise DevnetError(f"fewer than {count} masters stood as candidates within {timeout:.0f} s")
 
 
 async def _open_economy(backend: DevChain | None) -> DevnetEconomy:
@@ -357,8 +464,7 @@ async def settle_report(net: Devnet, result: JobResult) -> dict[str, Any]:
         if payouts[address] != plan.worker_payouts.get(address, 0):
             raise DevnetError(f"{address} received {payouts[address]}, the settlement says "
                               f"{plan.worker_payouts.get(address, 0)}")
-    master_name = net.requester.jobs[result.job_id].master
-    settled = net.master_named(master_name).jobs[result.job_id].settlement
+    settled = await money.owner.settlement(key)
     assert settled is not None
     return {
         "payouts": payouts,
@@ -424,9 +530,21 @@ async def run_devnet(
     masters: int = 2,
     economy: bool = True,
     chain_backend: DevChain | None = None,
+    kill_master_at: int | None = None,
 ) -> dict[str, Any]:
-    """Start a devnet, train `spec` (default: digits) to completion, return the report."""
+    """Start a devnet, train `spec` (default: digits) to completion, return the report.
+
+    With `kill_master_at`, the job's master is killed when round `kill_master_at`
+    is recorded and the report gains `failovers`.
+    """
     spec = spec or devnet_spec()
+    if kill_master_at is not None:
+        if not economy or masters < 2:
+            raise ValueError("--kill-master-at needs the economy and at least 2 masters: "
+                             "failover goes to the next master of the job's committee")
+        if not 0 <= kill_master_at < spec.stop.max_rounds:
+            raise ValueError(f"--kill-master-at must be a round below max_rounds "
+                             f"({spec.stop.max_rounds}), not {kill_master_at}")
     async with start_devnet(
         workers, byzantine, seed=seed, worker_processes=worker_processes, masters=masters,
         economy=economy, chain_backend=chain_backend,
@@ -438,11 +556,52 @@ async def run_devnet(
         begin = time.monotonic()
         master = None if economy else net.master.node.peer_id
         handle = await net.requester.submit(spec, master)
+        killed: list[tuple[str, float]] = []
         try:
-            result = await handle.wait(timeout)
+            async with trio.open_nursery() as nursery:
+                if kill_master_at is not None:
+                    nursery.start_soon(kill_master_at_round, net, handle, kill_master_at, killed)
+                result = await handle.wait(timeout)
+                nursery.cancel_scope.cancel()
         except trio.TooSlowError:
             raise DevnetError(f"the job did not finish within {timeout:.0f} s") from None
         report = summarize(net, result, time.monotonic() - begin)
+        if kill_master_at is not None:
+            report["failovers"] = failover_report(handle, killed)
         if net.economy is not None:
             report.update(await settle_report(net, result))
         return report
+
+
+async def kill_master_at_round(
+    net: Devnet,
+    handle: JobHandle,
+    round_: int,
+    killed: list[tuple[str, float]],
+    kill: Callable[[str], None] | None = None,
+) -> None:
+    """Kill the job's master once it has recorded round `round_`; note (peer id, when).
+
+    `kill` does it (default: `Devnet.kill_master`); a test may cut the master off instead.
+    """
+    while not any(record.round >= round_ for record in handle.rounds):
+        await handle.progress.wait()
+    victim = handle.master
+    log.warning("Killing the job's master %s after round %d", victim, round_)
+    killed.append((victim, trio.current_time()))
+    (kill or net.kill_master)(victim)
+
+
+def failover_report(handle: JobHandle, killed: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    """The job's takeovers: round, old and new master, and seconds from the kill to the resume."""
+    kill_times = dict(killed)
+    rows = []
+    for failover in handle.failovers:
+        since = kill_times.get(failover.old_master, failover.at - failover.silent_s)
+        rows.append({
+            "round": failover.round,
+            "old_master": failover.old_master,
+            "new_master": failover.new_master,
+            "seconds_to_resume": round(failover.at - since, 3),
+        })
+    return rows

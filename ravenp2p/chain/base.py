@@ -107,6 +107,48 @@ class RegistryParams:
 
 
 @dataclass(frozen=True)
+class ElectionTable:
+    """An epoch's election as public data: what the draw started from and what it stored.
+
+    `candidates` (the registry's storage order) and `stakes` (their active
+    stakes, same order) are the state the election transaction ran against,
+    `block` the block of its `CommitteeElected` event and `parent_hash` the
+    hash of the block before it, which the `seed` commits to. `committee` is
+    what the registry stored, in draw order. With `consensus.election`
+    (`eligible`, then `draw_committee`) anyone redoes the draw and compares.
+    """
+
+    epoch: int
+    block: int
+    parent_hash: bytes
+    seed: bytes
+    candidates: tuple[str, ...]
+    stakes: tuple[int, ...]
+    minimum: int
+    committee_size: int
+    committee: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        """Addresses in EIP-55 form and one stake per candidate, so tables compare and redraw."""
+        for name in ("parent_hash", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, bytes) or len(value) != 32:
+                raise ValueError(f"election table {name}: must be 32 bytes, got {value!r}")
+        if len(self.candidates) != len(self.stakes):
+            raise ValueError(
+                f"election table: {len(self.candidates)} candidates but {len(self.stakes)} "
+                "stakes: lengths must match"
+            )
+        for name in ("candidates", "committee"):
+            try:
+                addresses = tuple(checksum_address(a) for a in getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"election table {name}: {exc}") from None
+            object.__setattr__(self, name, addresses)
+        object.__setattr__(self, "stakes", tuple(self.stakes))
+
+
+@dataclass(frozen=True)
 class JobOnChain:
     """A job as the escrow holds it."""
 
@@ -188,6 +230,10 @@ class Chain(Protocol):
 
     async def is_elected(self, epoch: int) -> bool: ...
 
+    async def election_table(self, epoch: int) -> ElectionTable:
+        """The public data of `epoch`'s election; ChainError when the epoch is not elected."""
+        ...
+
     async def committee(self, epoch: int) -> list[str]: ...
 
     async def epoch_seed(self, epoch: int) -> bytes: ...
@@ -222,6 +268,10 @@ class Chain(Protocol):
 
     async def job(self, job_id: bytes) -> JobOnChain: ...
 
+    async def master_timeout(self) -> int:
+        """The escrow's master timeout in seconds: each rank's wait before taking over a job."""
+        ...
+
     async def master_of(self, job_id: bytes) -> str: ...
 
     async def ranked_masters(self, job_id: bytes) -> list[str]: ...
@@ -233,6 +283,9 @@ class Chain(Protocol):
     async def settle(
         self, job_id: bytes, root: bytes, accepted_results: int, partner_total: int
     ) -> Settled: ...
+
+    async def settlement(self, job_id: bytes) -> Settled | None:
+        """What the job's settlement paid, or None while it is not settled."""
 
     async def claim(self, job_id: bytes, account: str, amount: int, proof: list[bytes]) -> str: ...
 

@@ -12,10 +12,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+import trio
 from eth_account import Account
 from eth_tester import EthereumTester, PyEVMBackend
 from eth_utils import to_checksum_address
@@ -59,6 +61,23 @@ class EmbeddedChain:
             )
             _wait_mined(self.w3, tx)
 
+    async def keep_time(self, block_time_s: float = 1.0) -> None:
+        """Mine a block every `block_time_s` seconds, until cancelled, like a real chain.
+
+        eth-tester stamps each block one second after its parent, however long
+        ago that was, so an idle embedded chain's clock stands still and
+        timeouts judged by it (a master's failover) never expire. With this
+        task running it never falls behind the wall clock, and it advances at
+        least a second per second when ahead (blocks came faster than one a
+        second).
+        """
+        await _tick(self.tick, block_time_s)
+
+    def tick(self) -> None:
+        """Mine one block: at the wall-clock time if the chain's clock is behind it."""
+        latest = int(self.w3.eth.get_block("latest")["timestamp"])
+        self.advance_time(max(0, int(time.time()) - latest))
+
     def advance_time(self, seconds: int) -> None:
         """Move the chain clock forward by `seconds` and mine a block at the new time."""
         if seconds < 0:
@@ -89,19 +108,24 @@ def anvil_path() -> Path | None:
     return installed if installed.is_file() else None
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
 class Anvil:
-    """A local anvil node on 127.0.0.1 (Prague rules), started and stopped by this object.
+    """A local anvil node (Prague rules), started and stopped by this object.
+
+    It listens on `host`: loopback by default, or an address of a test network.
 
     Use as a context manager, or call `start()` and `stop()`.
     """
 
-    def __init__(self, binary: Path | None = None, start_timeout: float = 15.0) -> None:
+    def __init__(
+        self, binary: Path | None = None, start_timeout: float = 15.0, host: str = "127.0.0.1"
+    ) -> None:
+        self.host = host
         self.binary = Path(binary) if binary is not None else anvil_path()
         self.start_timeout = start_timeout
         self.port = 0
@@ -114,7 +138,7 @@ class Anvil:
         """The node's JSON-RPC URL."""
         if self._process is None:
             raise ChainError("anvil is not running")
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def w3(self) -> Web3:
@@ -143,12 +167,12 @@ class Anvil:
                 f"${ANVIL_ENV} at one"
             )
         for _ in range(3):  # another process may grab the free port before anvil binds it
-            self.port = _free_port()
+            self.port = _free_port(self.host)
             self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
             self._process = subprocess.Popen(
                 [
                     str(self.binary),
-                    "--host", "127.0.0.1",
+                    "--host", self.host,
                     "--port", str(self.port),
                     "--hardfork", "prague",
                     "--mnemonic", ANVIL_MNEMONIC,
@@ -176,7 +200,7 @@ class Anvil:
     def _wait_ready(self) -> bool:
         assert self._process is not None
         w3 = Web3(Web3.HTTPProvider(
-            f"http://127.0.0.1:{self.port}", request_kwargs={"timeout": HTTP_TIMEOUT}
+            f"http://{self.host}:{self.port}", request_kwargs={"timeout": HTTP_TIMEOUT}
         ))
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -236,6 +260,18 @@ class Anvil:
             )
             _wait_mined(w3, tx)
 
+    async def keep_time(self, block_time_s: float = 1.0) -> None:
+        """Mine a block every `block_time_s` seconds, until cancelled (see `EmbeddedChain`).
+
+        anvil stamps a block with the wall clock unless its parent is newer,
+        so after a burst of transactions its idle clock stands still too.
+        """
+        await _tick(self.tick, block_time_s)
+
+    def tick(self) -> None:
+        """Mine one block."""
+        self._rpc("evm_mine", [])
+
     def advance_time(self, seconds: int) -> None:
         """Move the chain clock forward by `seconds` and mine a block at the new time."""
         if seconds < 0:
@@ -254,6 +290,14 @@ class Anvil:
 
 
 DevChain = EmbeddedChain | Anvil
+
+
+async def _tick(tick: Callable[[], None], block_time_s: float) -> None:
+    if not block_time_s > 0:
+        raise ValueError(f"block_time_s must be positive, got {block_time_s}")
+    while True:
+        await trio.sleep(block_time_s)
+        tick()
 """A development chain: either offers `w3`, `funded_secret`, `fund`, `advance_time`, snapshots."""
 
 

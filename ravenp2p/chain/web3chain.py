@@ -17,7 +17,7 @@ from eth_utils import to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
 from web3.logs import DISCARD
-from web3.types import TxReceipt
+from web3.types import BlockIdentifier, TxReceipt
 
 from consensus.abi import UINT256_MAX
 from consensus.eip712 import Domain, result_digest, slash_order_digest, to_eth_signature
@@ -25,6 +25,7 @@ from ravenp2p.chain.artifacts import load_artifact
 from ravenp2p.chain.base import (
     ChainError,
     Deployment,
+    ElectionTable,
     JobOnChain,
     JobStatusOnChain,
     RegistryParams,
@@ -40,6 +41,9 @@ RECEIPT_FIRST_POLL_S = 0.005  # automining chains answer at once; real ones take
 RECEIPT_MAX_POLL_S = 1.0
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
+# The registry events that change the candidate list or an active stake.
+TABLE_EVENTS = ("StakeChanged", "CandidateAdded", "CandidateRemoved")
+
 
 def _bytes32(name: str, value: bytes) -> bytes:
     if not isinstance(value, bytes | bytearray) or len(value) != 32:
@@ -107,6 +111,7 @@ class Web3Chain:
                 address=checksummed, abi=load_artifact(name).abi
             )
         self._result_domain: Domain | None = None
+        self._master_timeout: int | None = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -128,9 +133,12 @@ class Web3Chain:
         """Re-read this account's nonce from the chain (after a snapshot revert, say)."""
         self._sender.resync_nonce()
 
-    def _view(self, contract: str, function: str, *args: Any) -> Any:
+    def _view(
+        self, contract: str, function: str, *args: Any, block: BlockIdentifier = "latest"
+    ) -> Any:
         with chain_errors(self._w3, contract, function):
-            return getattr(self._contracts[contract].functions, function)(*args).call()
+            call = getattr(self._contracts[contract].functions, function)(*args)
+            return call.call(block_identifier=block)
 
     async def _transact(self, contract: str, function: str, *args: Any) -> TxReceipt:
         """Send a transaction and wait for it to be mined, sleeping (not blocking) in between."""
@@ -264,6 +272,90 @@ class Web3Chain:
     async def is_elected(self, epoch: int) -> bool:
         return bool(self._view("StakeRegistry", "isElected", _uint("epoch", epoch)))
 
+    async def election_table(self, epoch: int) -> ElectionTable:
+        """The public data of `epoch`'s election, read back from the chain (see `ElectionTable`).
+
+        The candidates and stakes are those of the block before the election,
+        updated with the registry's own events mined earlier in the election's
+        block: exactly the state the election transaction read.
+        """
+        _uint("epoch", epoch)
+        elected = self._contracts["StakeRegistry"].events.CommitteeElected
+        with chain_errors(self._w3, "StakeRegistry", "CommitteeElected logs"):
+            events = elected.get_logs(argument_filters={"epoch": epoch}, from_block=0)
+        if not events:
+            if await self.is_elected(epoch):
+                raise ChainError(
+                    f"epoch {epoch} is elected but {endpoint_of(self._w3)} returns no "
+                    "CommitteeElected event for it: does the node keep old logs?"
+                )
+            raise ChainError(f"epoch {epoch} is not elected: it has no committee")
+        if len(events) > 1:
+            raise ChainError(f"epoch {epoch} has {len(events)} CommitteeElected events, not one")
+        event = events[0]
+        block = int(event["blockNumber"])
+        candidates, stake_changes = self._table_before(block, int(event["transactionIndex"]))
+        stakes = []
+        for candidate in candidates:
+            stake = stake_changes.get(candidate)
+            if stake is None:
+                stake = int(self._view("StakeRegistry", "stakeOf", candidate, block=block - 1)[0])
+            stakes.append(stake)
+        params = await self.registry_params()
+        with chain_errors(self._w3, "chain", "eth_getBlockByNumber"):
+            parent_hash = bytes(self._w3.eth.get_block(block - 1)["hash"])
+        return ElectionTable(
+            epoch=epoch,
+            block=block,
+            parent_hash=parent_hash,
+            seed=bytes(event["args"]["seed"]),
+            candidates=tuple(candidates),
+            stakes=tuple(stakes),
+            minimum=params.min_master_stake,
+            committee_size=params.committee_size,
+            committee=tuple(event["args"]["committee"]),
+        )
+
+    def _table_before(self, block: int, tx_index: int) -> tuple[list[str], dict[str, int]]:
+        """The candidate list the election in transaction `tx_index` of `block` walked.
+
+        Starts from the state of `block - 1` and replays, in order, the
+        registry's candidate and stake events of the earlier transactions of
+        `block`; also returns the active stakes those events set.
+        """
+        raw = self._view("StakeRegistry", "candidates", block=block - 1)
+        candidates = [str(to_checksum_address(a)) for a in raw]
+        events = self._contracts["StakeRegistry"].events
+        by_topic = {event.topic: event for event in (getattr(events, n) for n in TABLE_EVENTS)}
+        with chain_errors(self._w3, "StakeRegistry", "eth_getLogs"):
+            raw_logs = self._w3.eth.get_logs({
+                "address": self._contracts["StakeRegistry"].address,
+                "fromBlock": block,
+                "toBlock": block,
+                "topics": [list(by_topic)],
+            })
+        earlier = [
+            by_topic[log["topics"][0].to_0x_hex()]().process_log(log)
+            for log in raw_logs
+            if int(log["transactionIndex"]) < tx_index
+        ]
+        earlier.sort(key=lambda log: (int(log["transactionIndex"]), int(log["logIndex"])))
+        stakes: dict[str, int] = {}
+        for log in earlier:
+            node = str(to_checksum_address(log["args"]["node"]))
+            if log["event"] == "StakeChanged":
+                stakes[node] = int(log["args"]["active"])
+            elif log["event"] == "CandidateAdded":
+                candidates.append(node)
+            elif node in candidates:  # CandidateRemoved: the last candidate takes the free slot
+                candidates[candidates.index(node)] = candidates[-1]
+                candidates.pop()
+            else:
+                raise ChainError(
+                    f"block {block}: CandidateRemoved for {node}, which was not a candidate"
+                )
+        return candidates, stakes
+
     async def committee(self, epoch: int) -> list[str]:
         members = self._view("StakeRegistry", "committee", _uint("epoch", epoch))
         return [str(to_checksum_address(a)) for a in members]
@@ -357,6 +449,12 @@ class Web3Chain:
         raw = self._view("JobEscrow", "getJob", _bytes32("job_id", job_id))
         return _job_from_tuple(job_id, raw)
 
+    async def master_timeout(self) -> int:
+        """The escrow's master timeout in seconds (immutable, so read once)."""
+        if self._master_timeout is None:
+            self._master_timeout = int(self._view("JobEscrow", "masterTimeout"))
+        return self._master_timeout
+
     async def master_of(self, job_id: bytes) -> str:
         master = self._view("JobEscrow", "masterOf", _bytes32("job_id", job_id))
         return str(to_checksum_address(master))
@@ -387,16 +485,18 @@ class Web3Chain:
         )
         if len(events) != 1:
             raise ChainError(f"settle: expected one JobSettled event, found {len(events)}")
-        event = events[0]["args"]
-        return Settled(
-            tx_hash=receipt["transactionHash"].to_0x_hex(),
-            accepted_results=int(event["acceptedResults"]),
-            cost=int(event["cost"]),
-            master_fee=int(event["masterFee"]),
-            partner_total=int(event["partnerTotal"]),
-            protocol_fee=int(event["protocolFee"]),
-            refund=int(event["refund"]),
-        )
+        return _settled(events[0])
+
+    async def settlement(self, job_id: bytes) -> Settled | None:
+        """What the job's settlement paid (its `JobSettled` event), or None while unsettled."""
+        settled = self._contracts["JobEscrow"].events.JobSettled
+        with chain_errors(self._w3, "JobEscrow", "JobSettled logs"):
+            events = settled.get_logs(
+                argument_filters={"jobId": _bytes32("job_id", job_id)}, from_block=0
+            )
+        if len(events) > 1:
+            raise ChainError(f"job 0x{job_id.hex()} has {len(events)} JobSettled events")
+        return _settled(events[0]) if events else None
 
     async def claim(self, job_id: bytes, account: str, amount: int, proof: list[bytes]) -> str:
         return await self._tx(
@@ -433,3 +533,15 @@ def _job_from_tuple(job_id: bytes, raw: Sequence[Any]) -> JobOnChain:
     values = [f(v) for f, v in zip(convert, fields, strict=True)]
     return JobOnChain(bytes(job_id), *values)
 
+
+def _settled(event: Any) -> Settled:
+    args = event["args"]
+    return Settled(
+        tx_hash=event["transactionHash"].to_0x_hex(),
+        accepted_results=int(args["acceptedResults"]),
+        cost=int(args["cost"]),
+        master_fee=int(args["masterFee"]),
+        partner_total=int(args["partnerTotal"]),
+        protocol_fee=int(args["protocolFee"]),
+        refund=int(args["refund"]),
+    )

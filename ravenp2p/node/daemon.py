@@ -17,6 +17,7 @@ from ravenp2p.identity import NodeIdentity, load_or_create_identity
 from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.node import Node
+from ravenp2p.roles.committee import CommitteeView
 from ravenp2p.roles.master import Master
 from ravenp2p.roles.worker import Worker, WorkerConfig
 
@@ -116,8 +117,11 @@ async def _run_locked(config: NodeConfig) -> None:
     network = Libp2pNetwork(identity, config.listen, DAEMON_NETWORK_CONFIG)
     node = Node(network, identity, config, chain=chain)
     node.add_role(Worker(node, WorkerConfig(max_threads=config.max_threads)).run)
-    if config.master:
-        node.add_role(Master(node).run)
+    committee = CommitteeView(chain) if chain is not None else None
+    if committee is not None:
+        node.add_role(committee.run)
+    if config.master or config.candidate:
+        node.add_role(Master(node, committee=committee).run)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, node, nursery.cancel_scope, config.shutdown_timeout_s)
         await node.run()

@@ -163,3 +163,11 @@ async def claim_own_payout(
         return 0
     await chain.claim(key, me, amount, plan.proof(me))
     return amount
+
+
+async def confirmed_master(chain: Chain, job_id: str, address: str) -> bool:
+    """Whether the escrow names `address` as the job's current master (a takeover is real).
+
+    Raises `ChainError` when the chain cannot say.
+    """
+    return (await chain.master_of(job_key(job_id))).lower() == address.lower()

@@ -40,20 +40,33 @@ import trio
 
 from consensus.agreement import compare_tensors
 from consensus.assignment import Candidate, choose_workers
+from consensus.mastership import Mastership, rank_after
 from consensus.voting import AddOutcome, CalculationVote, SignedResult, VoteState, WorkerLedger
 from ravenp2p.chain.base import ChainError, ContractReverted, Settled
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.network.base import NetworkError, Stream
 from ravenp2p.network.framing import read_exactly, read_frame, write_frame
 from ravenp2p.node.node import Node, short
+from ravenp2p.roles.checkpoint import CHECKPOINT_FILE, checkpoint_problem
+from ravenp2p.roles.committee import CommitteeView
 from ravenp2p.roles.escrow import (
     check_escrow,
+    confirmed_master,
     job_key,
     payout_plan,
+    peer_address,
     result_signed_by,
     with_partners,
 )
-from ravenp2p.roles.protocol import JOBS_TOPIC, RESULT_PROTOCOL, SUBMIT_PROTOCOL, job_topic
+from ravenp2p.roles.protocol import (
+    JOBS_TOPIC,
+    REPLICA_PROTOCOL,
+    RESULT_PROTOCOL,
+    SUBMIT_PROTOCOL,
+    job_topic,
+)
+from ravenp2p.roles.slashing import SlashDesk, report_equivocation
+from ravenp2p.roles.standby import Standby
 from ravenp2p.training.compute import ModelRuntime, Trainer
 from ravenp2p.training.manifest import JobManifest, ManifestError
 from ravenp2p.training.models import build_model
@@ -68,18 +81,26 @@ from ravenp2p.wire.job_messages import (
     JobDone,
     JobReceipt,
     JobSubmit,
+    MasterHeartbeat,
+    MasterTakeover,
+    ReplicaAck,
+    ReplicaOffer,
     ResultAck,
     ResultHeader,
     RoundRecord,
     WorkerCredit,
 )
+from ravenp2p.wire.slash_messages import AcceptedSigner, ContradictionRecord
 
 log = logging.getLogger("ravenp2p.master")
 
-CHECKPOINT_FILE = "checkpoint.msgpack"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TIMINGS = 100_000
 SETTLE_ATTEMPTS = 5
+MAX_CONTRADICTIONS_KEPT = 8
+"""Contradictions kept per worker and job: enough for a slash order, bounded memory."""
+SLASH_ORDER_TIMEOUT_S = 180.0
+"""All slash orders of one job, together."""
 
 
 class JobFailed(RuntimeError):
@@ -109,12 +130,18 @@ class MasterConfig:
     """A paid job whose escrow deadline is nearer than this at submission is refused."""
     settle_margin_s: float = 120.0
     """Training stops this long before the escrow's deadline, so the settlement lands in time."""
+    heartbeat_interval_s: float = 1.0
+    """How often a paid job's master says it is alive on the job's topic (failover watches it)."""
+    replica_timeout_s: float = 30.0
+    """How long a round waits for a committee member to store its replica before going on."""
 
     def __post_init__(self) -> None:
         if self.result_deadline_s <= 0 or self.worker_wait_s <= 0:
             raise ValueError("result_deadline_s and worker_wait_s must be positive")
-        if self.chain_heartbeat_s <= 0 or self.settle_margin_s <= 0:
-            raise ValueError("chain_heartbeat_s and settle_margin_s must be positive")
+        if min(self.chain_heartbeat_s, self.settle_margin_s, self.heartbeat_interval_s,
+               self.replica_timeout_s) <= 0:
+            raise ValueError("chain_heartbeat_s, settle_margin_s, heartbeat_interval_s and "
+                             "replica_timeout_s must be positive")
         if self.min_escrow_time_s <= self.settle_margin_s:
             raise ValueError("min_escrow_time_s must be longer than settle_margin_s")
         if self.max_extra_workers < 0 or self.max_vote_attempts < 1:
@@ -129,8 +156,10 @@ class _Calculation:
     assigned: dict[str, float] = field(default_factory=dict)
     """Worker -> time its order was sent; removed when its result arrives or it times out."""
     answered: set[str] = field(default_factory=set)
-    headers: dict[str, bytes] = field(default_factory=dict)
-    """Worker -> the raw signed header it sent: kept as evidence."""
+    signed: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    """Worker -> the first digest it signed here and its EIP-712 signature: evidence."""
+    bodies: dict[str, bytes] = field(default_factory=dict)
+    """Digest -> result bytes, while the round is open (contradictions keep theirs)."""
     compute_ms: dict[str, float] = field(default_factory=dict)
     timing: CalculationTiming | None = None
     timed_out: set[str] = field(default_factory=set)
@@ -166,6 +195,8 @@ class JobStatus:
     settlement: Settled | None = None
     """What the escrow paid when a paid job settled."""
     done: trio.Event = field(default_factory=trio.Event)
+    slashing_done: trio.Event = field(default_factory=trio.Event)
+    """Set once the slash orders the job's evidence called for were made (or not)."""
 
 
 class _JobRun:
@@ -200,7 +231,21 @@ class _JobRun:
         """Training of this job: its deadline is the escrow's, less the time to settle."""
         self.escrow_lost = ""
         """Why the escrow stopped this master from running the job, if it did."""
+        self.replaced = False
+        """Another committee member took the job over: this master must not speak for it."""
+        self.mastership: Mastership | None = None
+        """A paid job's masters and which of them runs it (None: unpaid, no failover)."""
+        self.takeover: MasterTakeover | None = None
+        """Set when this master took the job over: published before it resumes."""
+        self.last_record: RoundRecord | None = None
+        self.checkpoint_blob: tuple[str, int] | None = None
+        """Digest and size of the newest checkpoint blob (paid jobs: what replicas fetch)."""
+        self.nursery: trio.Nursery | None = None
         self._agree_cache: dict[tuple[str, str], bool] = {}
+        self.contradictions: dict[str, list[ContradictionRecord]] = {}
+        """Worker -> its signed results that contradicted an accepted majority (paid jobs)."""
+        self.evidence_blobs: list[str] = []
+        """Pins held on the result bytes of those contradictions."""
 
     # --- shards and seeds --------------------------------------------------------
     def shard_for(self, calc: int) -> str:
@@ -256,7 +301,10 @@ class _JobRun:
 class Master:
     """Runs submitted jobs on the workers this node knows; see the module docstring."""
 
-    def __init__(self, node: Node, config: MasterConfig | None = None) -> None:
+    def __init__(
+        self, node: Node, config: MasterConfig | None = None,
+        committee: CommitteeView | None = None,
+    ) -> None:
         self.node = node
         self.config = config or MasterConfig()
         self.jobs: dict[str, JobStatus] = {}
@@ -267,6 +315,13 @@ class Master:
         self._queued = 0
         self.calculation_timings: list[CalculationTiming] = []
         """The most recent calculations' timings (bounded), for operators and benchmarks."""
+        self._follows_epochs = committee is None and node.chain is not None
+        """Whether this role runs its own view of the epochs (the node has none to share)."""
+        self.committee = committee or (CommitteeView(node.chain) if node.chain else None)
+        self.standby = Standby(self)
+        self.slash_desk = SlashDesk(node) if node.chain is not None else None
+        self.checkpoint_name = CHECKPOINT_FILE
+        self._nursery: trio.Nursery | None = None
 
     @property
     def jobs_dir(self) -> Path:
@@ -279,6 +334,12 @@ class Master:
         network.set_request_handler(SUBMIT_PROTOCOL, self._serve_submit)
         network.set_stream_handler(RESULT_PROTOCOL, self._serve_result)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.committee is not None and self._follows_epochs:
+                nursery.start_soon(self.committee.run)
+            await nursery.start(self.standby.run)
+            if self.slash_desk is not None:
+                await nursery.start(self.slash_desk.run)
             for manifest in self._checkpointed_jobs():
                 self._enqueue(manifest)
             nursery.start_soon(self._run_queue)
@@ -295,14 +356,33 @@ class Master:
     async def _run_queue(self) -> None:
         async for manifest in self._queue_receive:
             self._queued -= 1
-            status = self.jobs[manifest.job_id]
-            run = _JobRun(self, manifest, status)
-            self._runs[run.job_id] = run
-            try:
-                await self._run_job(run)
-            finally:
-                del self._runs[run.job_id]
-                status.done.set()
+            await self._run_tracked(_JobRun(self, manifest, self.jobs[manifest.job_id]))
+
+    async def _run_tracked(self, run: _JobRun, release: tuple[str, ...] = ()) -> None:
+        self._runs[run.job_id] = run
+        try:
+            await self._run_job(run, release)
+        finally:
+            del self._runs[run.job_id]
+            run.status.done.set()
+
+    def resume_taken_over(
+        self, manifest: JobManifest, mastership: Mastership, replaced_rank: int,
+        replica: tuple[str, ...],
+    ) -> None:
+        """Run a paid job this node just took over on-chain, from its replica (now its checkpoint).
+
+        `replica` names the blobs the standby pinned; they are released once loaded.
+        """
+        assert self._nursery is not None
+        status = self.jobs[manifest.job_id] = JobStatus(manifest.job_id)
+        run = _JobRun(self, manifest, status)
+        run.mastership = mastership
+        run.takeover = MasterTakeover(
+            job=manifest.job_id, rank=mastership.current_rank, replaced_rank=replaced_rank,
+            round=0, weights=manifest.initial_weights,
+        )
+        self._nursery.start_soon(self._run_tracked, run, replica)
 
     # --- the request queue -------------------------------------------------------
     async def _serve_submit(self, peer: str, request: bytes) -> bytes:
@@ -386,45 +466,131 @@ class Master:
         refunded), the job is lost to this master: training stops at once.
         """
         chain = self.node.chain
-        assert chain is not None
+        assert chain is not None and run.mastership is not None
+        # Three beats per master timeout: one lost transaction never lets a standby in.
+        interval = min(self.config.chain_heartbeat_s, run.mastership.timeout_s / 3)
+        isolated_since: float | None = None
         while True:
+            if self.node.network.connected_peers():
+                isolated_since = None
+            elif isolated_since is None:
+                isolated_since = trio.current_time()
+            if (isolated_since is not None
+                    and trio.current_time() - isolated_since >= run.mastership.timeout_s / 2):
+                # Cut off from every peer: let the escrow's timeout run out, so that a member
+                # the workers can reach takes the job over, rather than hold it unreachable.
+                log.warning("Job %s: no peer reachable for %.0f s; not heartbeating the escrow",
+                            short(run.job_id), trio.current_time() - isolated_since)
+                await trio.sleep(interval)
+                continue
             try:
                 await chain.heartbeat(job_key(run.job_id))
+                if await self._time_left(run) <= 0:  # the chain's clock ran faster than ours
+                    run.training.cancel()
             except ContractReverted as exc:
                 run.escrow_lost = f"the escrow no longer lets this master run it ({exc.reason})"
+                run.replaced = "NotJobMaster" in exc.reason
                 run.training.cancel()
                 return
             except ChainError as exc:
                 log.warning("Escrow heartbeat for job %s failed: %s", short(run.job_id), exc)
-            await trio.sleep(self.config.chain_heartbeat_s)
+            await trio.sleep(interval)
+
+    async def _heartbeat_topic(self, run: _JobRun) -> None:
+        """Say on the job's topic, every `heartbeat_interval_s`, that this master runs the job."""
+        assert run.mastership is not None
+        while True:
+            beat = MasterHeartbeat(job=run.job_id, rank=run.mastership.current_rank,
+                                   round=run.round, weights=run.weights_digest)
+            try:
+                await self.node.topics.publish(run.topic, beat)
+            except (NetworkError, WireError) as exc:
+                log.debug("Heartbeat of job %s not sent: %s", short(run.job_id), exc)
+            await trio.sleep(self.config.heartbeat_interval_s)
+
+    async def _job_mastership(self, run: _JobRun) -> Mastership:
+        """The paid job's ranked masters as the escrow has them; this node must be the current."""
+        chain, committee = self.node.chain, self.committee
+        if chain is None or committee is None:
+            raise JobFailed("the job is paid but this master follows no chain")
+        key = job_key(run.job_id)
+        try:
+            ranked = await committee.job_masters(key)
+            job = await chain.job(key)
+            timeout = await committee.master_timeout()
+        except ChainError as exc:
+            raise JobFailed(f"cannot read the job's masters on-chain: {exc}") from None
+        view = Mastership(tuple(ranked), float(timeout), current_rank=job.master_rank,
+                          last_heard=trio.current_time())
+        if view.current.lower() != chain.address.lower():
+            mine = view.rank_of(chain.address)
+            run.replaced = mine is not None and mine < view.current_rank
+            raise JobFailed(f"the escrow names {view.current} as the job's master, not this node")
+        return view
+
+    async def _check_takeover(self, run: _JobRun, sender: str, message: MasterTakeover) -> None:
+        """Step down when a master ranked after this one took the job over (the escrow agrees)."""
+        view, chain = run.mastership, self.node.chain
+        if view is None or chain is None or run.replaced:
+            return
+        address = peer_address(sender)
+        if view.rank_of(address) != message.rank or message.rank <= view.current_rank:
+            return
+        try:
+            confirmed = await confirmed_master(chain, run.job_id, address)
+        except ChainError as exc:
+            log.warning("Cannot check a takeover of job %s: %s", short(run.job_id), exc)
+            return
+        if not confirmed:
+            log.warning("Ignored a takeover of job %s by %s that the escrow does not confirm",
+                        short(run.job_id), short(sender))
+            return
+        run.escrow_lost = f"taken over by {short(sender)} (rank {message.rank})"
+        run.replaced = True
+        run.training.cancel()
 
     async def _time_left(self, run: _JobRun) -> float:
-        """Seconds of training a paid job has before it must stop to settle by its deadline."""
+        """Seconds of training a paid job has left before it must stop to settle by its deadline.
+
+        Judged by the chain's clock, which is the one the escrow goes by.
+        """
         chain = self.node.chain
         assert chain is not None
+        job = await chain.job(job_key(run.job_id))
+        return job.deadline - await chain.now() - self.config.settle_margin_s
+
+    async def _training_time(self, run: _JobRun) -> float:
+        """`_time_left` at the start of training: JobFailed when there is none."""
         try:
-            job = await chain.job(job_key(run.job_id))
-            now = await chain.now()
+            left = await self._time_left(run)
         except ChainError as exc:
             raise JobFailed(f"cannot read the job's escrow: {exc}") from None
-        left = job.deadline - now - self.config.settle_margin_s
         if left <= 0:
             raise JobFailed("the escrow's deadline is too near to train and settle")
         return left
 
     # --- one job -------------------------------------------------------------------
-    async def _run_job(self, run: _JobRun) -> None:
+    async def _run_job(self, run: _JobRun, release: tuple[str, ...] = ()) -> None:
         run.status.state = "running"
         topics = self.node.topics
         channel = await topics.subscribe(run.topic)
         async with trio.open_nursery() as nursery:
+            run.nursery = nursery
             nursery.start_soon(self._read_job_topic, run, channel)
             try:
-                await self._prepare(run)
+                try:
+                    await self._prepare(run)
+                finally:
+                    for digest in release:
+                        self.node.store.unpin(digest)
                 with run.training:
                     if run.manifest.chain is not None:
-                        run.training.deadline = trio.current_time() + await self._time_left(run)
+                        if run.mastership is None:
+                            run.mastership = await self._job_mastership(run)
+                        run.training.deadline = (trio.current_time()
+                                                 + await self._training_time(run))
                         nursery.start_soon(self._heartbeat_escrow, run)
+                        nursery.start_soon(self._heartbeat_topic, run)
                     reason = await self._train_announced(run)
                 if run.escrow_lost:
                     raise JobFailed(run.escrow_lost)
@@ -432,18 +598,33 @@ class Master:
                     reason = "stopped before the escrow's deadline, to settle in time"
                 run.status.state = "done"
             except JobFailed as exc:
-                log.error("Job %s failed: %s", short(run.job_id), exc)
-                run.status.state = "failed"
+                if run.replaced:
+                    log.warning("Job %s: %s; this master steps down", short(run.job_id), exc)
+                    run.status.state = "replaced"
+                else:
+                    log.error("Job %s failed: %s", short(run.job_id), exc)
+                    run.status.state = "failed"
                 reason = f"failed: {exc}"
             await self._finish(run, reason)
             nursery.cancel_scope.cancel()
 
     async def _train_announced(self, run: _JobRun) -> str:
-        """Announce the job to compute nodes, then train it to its stop condition."""
+        """Announce the job (and a takeover) to compute nodes, then train it to its end."""
+        view = run.mastership
+        if run.takeover is not None:
+            run.takeover = dataclasses.replace(run.takeover, round=run.round,
+                                               weights=run.weights_digest)
+            await self.node.topics.publish(run.topic, run.takeover)
+            if run.last_record is not None:  # its first publication may have died with the master
+                await self.node.topics.publish(run.topic, run.last_record)
+            log.info("Job %s resumed at round %d by this master (rank %d)", short(run.job_id),
+                     run.round, run.takeover.rank)
         announce = JobAnnounce(
             job=run.job_id,
             requester=run.manifest.requester,
             manifest_size=len(run.manifest.encode()),
+            masters=view.ranked if view is not None else (),
+            rank=view.current_rank if view is not None else 0,
         )
         await self.node.topics.publish(JOBS_TOPIC, announce)
         return await self._train(run)
@@ -469,6 +650,12 @@ class Master:
             run.rejected = checkpoint["rejected"]
             run.accepted_total = checkpoint["accepted_total"]
             run.status.evaluations = list(checkpoint["evaluations"])
+            if checkpoint.get("record"):
+                try:
+                    run.last_record = RoundRecord.from_body(checkpoint["record"])
+                    run.last_record.validate()
+                except WireError as exc:
+                    raise JobFailed(f"the checkpoint's round record is malformed: {exc}") from None
             log.info("Resuming job %s at round %d", short(run.job_id), run.round)
         else:
             weights = await self._fetch_tensors(run.manifest.initial_weights, providers)
@@ -644,12 +831,79 @@ class Master:
         run.ledger.record(vote)
         run.rejected += len(vote.mismatches)
 
+    def _gather_contradictions(self, run: _JobRun, calc_id: int, calc: _Calculation) -> None:
+        """Keep the accepted calculation's contradicting signed results as slashing evidence.
+
+        The result bytes go to the store, pinned, so that committee members can
+        fetch them to check the evidence themselves.
+        """
+        accepted = calc.vote.accepted_digest
+        if run.manifest.chain is None or accepted is None:
+            return
+        signers = tuple(
+            AcceptedSigner(worker=r.worker, signature=calc.signed[r.worker][1])
+            for r in calc.vote.accepted if calc.signed.get(r.worker, ("",))[0] == accepted
+        )
+        for mismatch in calc.vote.mismatches:
+            kept = run.contradictions.setdefault(mismatch.worker, [])
+            signed = calc.signed.get(mismatch.worker)
+            if (signed is None or signed[0] != mismatch.digest or not signers
+                    or len(kept) >= MAX_CONTRADICTIONS_KEPT):
+                continue
+            for digest in (mismatch.digest, accepted):
+                self.node.store.put_verified(digest, calc.bodies[digest])
+                self.node.store.pin(digest)
+                run.evidence_blobs.append(digest)
+            kept.append(ContradictionRecord(
+                calc=calc_id, digest=mismatch.digest, signature=signed[1],
+                accepted_digest=accepted, accepted=signers,
+            ))
+
+    async def _report_equivocation(
+        self, run: _JobRun, worker: str, calc: int, first: tuple[str, bytes],
+        second: tuple[str, bytes],
+    ) -> None:
+        """Submit a worker's two signed digests for one calculation to the registry."""
+        chain = self.node.chain
+        if chain is None:
+            return
+        try:
+            await report_equivocation(chain, run.manifest, worker, calc, first, second)
+        except (ChainError, ValueError) as exc:
+            log.warning("Could not report %s's equivocation on calculation %d: %s",
+                        short(worker), calc, exc)
+
+    async def _order_slashes(self, run: _JobRun) -> None:
+        """Ask the committee to co-sign slash orders against workers that kept contradicting."""
+        desk, view = self.slash_desk, run.mastership
+        needed = desk.config.policy.min_contradictions if desk is not None else 0
+        offenders = {w: c for w, c in run.contradictions.items() if len(c) >= needed}
+        try:
+            if desk is None or view is None or not offenders:
+                return
+            peers = [p for a in view.ranked if (p := self.node.peer_with_address(a)) is not None]
+            with trio.move_on_after(SLASH_ORDER_TIMEOUT_S):
+                for offender, records in offenders.items():
+                    try:
+                        await desk.request_slash(run.manifest, offender, records, peers)
+                    except (ChainError, ValueError) as exc:
+                        log.warning("Slash order against %s not made: %s", short(offender), exc)
+        finally:
+            self._release_evidence(run)
+            run.status.slashing_done.set()
+
+    def _release_evidence(self, run: _JobRun) -> None:
+        for digest in run.evidence_blobs:
+            self.node.store.unpin(digest)
+        run.evidence_blobs.clear()
+
     async def _close_round(self, run: _JobRun) -> None:
         accepted = []
         gradients = []
         for calc_id in sorted(run.calcs):
             calc = run.calcs[calc_id]
             self._record_vote(run, calc.vote)
+            self._gather_contradictions(run, calc_id, calc)
             digest = calc.vote.accepted_digest
             assert digest is not None
             gradients.append(run.results[digest])
@@ -674,8 +928,11 @@ class Master:
             job=run.job_id, round=finished_round, previous_weights=previous, weights=digest,
             accepted=tuple(accepted), train_loss=float(np.mean(losses)) if losses else 0.0,
         )
-        await self.node.topics.publish(run.topic, record)
+        run.last_record = record
         self._checkpoint(run)
+        # A round is published only once a standby holds it: a takeover loses no accepted work.
+        await self._replicate(run)
+        await self.node.topics.publish(run.topic, record)
         if previous != run.manifest.initial_weights:
             self.node.store.unpin(previous)
         run.forget_results()
@@ -684,6 +941,55 @@ class Master:
         run.status.results_rejected = run.rejected
         log.info("Job %s round %d done: loss %.4f, weights %s", short(run.job_id),
                  finished_round, record.train_loss, digest[:12])
+
+    async def _replicate(self, run: _JobRun) -> None:
+        """Hand the newest checkpoint to the committee members ranked after this master.
+
+        Returns once one of them stored it (the others finish in the background),
+        or after `replica_timeout_s` with a warning: the job goes on without a
+        fresh replica rather than stall.
+        """
+        view, blob = run.mastership, run.checkpoint_blob
+        if view is None or blob is None or run.nursery is None:
+            return
+        peers = [peer for address in rank_after(view.ranked, view.current)
+                 if (peer := self.node.peer_with_address(address)) is not None]
+        if not peers:
+            log.warning("Job %s round %d: no committee member ranked after this master is "
+                        "known, so nobody can take the job over", short(run.job_id), run.round)
+            return
+        offer = ReplicaOffer(
+            job=run.job_id, manifest_size=len(run.manifest.encode()), rank=view.current_rank,
+            round=run.round, checkpoint=blob[0], checkpoint_size=blob[1],
+        )
+        raw = self.node.codec.seal(offer, context=REPLICA_PROTOCOL)
+        stored = trio.Event()
+        timeout = self.config.replica_timeout_s
+
+        async def push(peer: str) -> None:
+            try:
+                reply = await self.node.network.request(peer, REPLICA_PROTOCOL, raw,
+                                                        timeout=timeout)
+                ack = self.node.codec.open(reply, context=REPLICA_PROTOCOL,
+                                           from_peer=peer).message
+            except (NetworkError, WireError) as exc:
+                log.info("Replica of job %s round %d not stored by %s: %s", short(run.job_id),
+                         offer.round, short(peer), exc)
+                return
+            if isinstance(ack, ReplicaAck) and ack.stored and ack.round == offer.round:
+                stored.set()
+            else:
+                reason = ack.reason if isinstance(ack, ReplicaAck) else "an unexpected reply"
+                log.info("%s refused the replica of job %s round %d: %s", short(peer),
+                         short(run.job_id), offer.round, reason)
+
+        for peer in peers:
+            run.nursery.start_soon(push, peer)
+        with trio.move_on_after(timeout):
+            await stored.wait()
+            return
+        log.warning("Job %s round %d: no committee member stored the replica within %.0f s",
+                    short(run.job_id), offer.round, timeout)
 
     # --- results -------------------------------------------------------------------
     async def _serve_result(self, stream: Stream) -> None:
@@ -701,7 +1007,7 @@ class Master:
                     ack = ResultAck(calc=header.calc, taken=False, reason=reason)
                 else:
                     body = await read_exactly(stream, header.size)
-                    ack = self._take_result(worker, header, raw_header, body)
+                    ack = self._take_result(worker, header, body)
                 await write_frame(stream, self.node.codec.seal(ack, context=RESULT_PROTOCOL))
         except (WireError, NetworkError, trio.TooSlowError) as exc:
             log.warning("Dropped a result stream from %s: %s", short(worker), exc)
@@ -724,7 +1030,7 @@ class Master:
         return ""
 
     def _take_result(
-        self, worker: str, header: ResultHeader, raw_header: bytes, body: bytes
+        self, worker: str, header: ResultHeader, body: bytes
     ) -> ResultAck:
         run = self._runs.get(header.job)
         calc = run.calcs.get(header.calc) if run else None
@@ -743,7 +1049,8 @@ class Master:
         outcome = calc.vote.add(SignedResult(worker=worker, digest=header.digest))
         calc.assigned.pop(worker, None)
         calc.answered.add(worker)
-        calc.headers.setdefault(worker, raw_header)
+        first = calc.signed.setdefault(worker, (header.digest, header.signature))
+        calc.bodies.setdefault(header.digest, body)
         calc.compute_ms[worker] = header.compute_ms
         timing = calc.timing
         if timing is not None:
@@ -757,6 +1064,12 @@ class Master:
             run.losses[header.calc] = header.loss
         elif outcome in (AddOutcome.EQUIVOCATION, AddOutcome.AFTER_FAILURE):
             run.rejected += 1  # contradicting results are counted with the vote's mismatches
+        if outcome is AddOutcome.EQUIVOCATION:
+            run.excluded.add(worker)
+            second = (header.digest, header.signature)
+            if run.manifest.chain is not None and run.nursery is not None:
+                run.nursery.start_soon(self._report_equivocation, run, worker, header.calc,
+                                       first, second)
         run.ledger.record(calc.vote)
         run.changed.set()
         return ResultAck(calc=header.calc, taken=True, reason=outcome.name.lower())
@@ -765,6 +1078,9 @@ class Master:
     async def _read_job_topic(self, run: _JobRun, channel: trio.MemoryReceiveChannel[Any]) -> None:
         async for envelope in channel:
             message = envelope.message
+            if isinstance(message, MasterTakeover) and message.job == run.job_id:
+                await self._check_takeover(run, envelope.sender, message)
+                continue
             if not isinstance(message, Evaluation) or message.job != run.job_id:
                 continue
             if envelope.sender != run.manifest.requester:
@@ -791,11 +1107,20 @@ class Master:
             credits=credits, settle_tx=settled.tx_hash if settled else "",
         )
         run.status.reason = reason
-        try:
-            await self.node.topics.publish(run.topic, done)
-        except (NetworkError, WireError) as exc:
-            log.warning("Could not publish the end of job %s: %s", short(run.job_id), exc)
+        if not run.replaced:  # else the job goes on under its new master, which will end it
+            try:
+                await self.node.topics.publish(run.topic, done)
+            except (NetworkError, WireError) as exc:
+                log.warning("Could not publish the end of job %s: %s", short(run.job_id), exc)
         self._checkpoint(run, finished=True)
+        if run.checkpoint_blob is not None:
+            self.node.store.unpin(run.checkpoint_blob[0])
+            run.checkpoint_blob = None
+        if run.replaced or self._nursery is None:
+            self._release_evidence(run)
+            run.status.slashing_done.set()
+        else:  # in the background: the next job in the queue need not wait for the committee
+            self._nursery.start_soon(self._order_slashes, run)
         log.info("Job %s finished after %d rounds: %s", short(run.job_id), run.round, reason)
 
     async def _settle(
@@ -857,13 +1182,21 @@ class Master:
             "excluded": sorted(row.worker for row in rows if row.excluded),
             "rejected": run.rejected, "accepted_total": run.accepted_total,
             "evaluations": run.status.evaluations, "finished": finished,
+            "record": run.last_record.to_body() if run.last_record else None,
         }
+        packed = msgpack.packb(state, use_bin_type=True)
         folder = self.jobs_dir / run.job_id
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = folder / CHECKPOINT_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(msgpack.packb(state, use_bin_type=True))
+        tmp.write_bytes(packed)
         os.replace(tmp, path)
+        if run.mastership is not None and not finished:
+            blob = self.node.store.put(packed)
+            self.node.store.pin(blob)
+            if run.checkpoint_blob is not None:
+                self.node.store.unpin(run.checkpoint_blob[0])
+            run.checkpoint_blob = (blob, len(packed))
         previous = run.optimizer_digest
         if previous and previous != optimizer_digest:
             self.node.store.unpin(previous)
@@ -878,7 +1211,11 @@ class Master:
         except (OSError, ValueError) as exc:
             log.warning("Ignoring an unreadable checkpoint %s: %s", path, exc)
             return None
-        return state if isinstance(state, dict) and state.get("job") == job_id else None
+        problem = checkpoint_problem(state, job_id)
+        if problem:
+            log.warning("Ignoring the checkpoint %s: %s", path, problem)
+            return None
+        return dict(state)
 
     def _checkpointed_jobs(self) -> list[JobManifest]:
         """Manifests of jobs that were running when this master last stopped."""

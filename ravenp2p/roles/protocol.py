@@ -8,6 +8,8 @@ SUBMIT_PROTOCOL = "/ravenp2p/job-submit/1.0.0"
 """Request/response: a requester hands a job to a master."""
 RESULT_PROTOCOL = "/ravenp2p/job-result/1.0.0"
 """Stream: a worker delivers a signed result header and the result bytes to the master."""
+REPLICA_PROTOCOL = "/ravenp2p/job-replica/1.0.0"
+"""Request/response: a paid job's master hands a committee member the state to resume from."""
 
 
 def job_topic(job_id: str) -> str:

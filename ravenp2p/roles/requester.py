@@ -23,12 +23,14 @@ import numpy as np
 import trio
 
 from consensus.election import rank_masters
-from ravenp2p.chain.base import Deployment
+from consensus.mastership import Mastership, Verdict
+from ravenp2p.chain.base import ChainError, Deployment
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.data.store import chunk_digests
 from ravenp2p.network.base import NetworkError
 from ravenp2p.node.node import Node, short
-from ravenp2p.roles.escrow import job_key, max_calculations, peer_address
+from ravenp2p.roles.committee import CommitteeView
+from ravenp2p.roles.escrow import confirmed_master, job_key, max_calculations, peer_address
 from ravenp2p.roles.protocol import SUBMIT_PROTOCOL, job_topic
 from ravenp2p.training.compute import Evaluation as Score
 from ravenp2p.training.compute import ModelRuntime
@@ -38,7 +40,14 @@ from ravenp2p.training.selector import resolve_model
 from ravenp2p.training.spec import JobSpec
 from ravenp2p.training.tensors import decode_tensors, digest_of, encode_tensors
 from ravenp2p.wire import WireError
-from ravenp2p.wire.job_messages import Evaluation, JobDone, JobReceipt, JobSubmit, RoundRecord
+from ravenp2p.wire.job_messages import (
+    Evaluation,
+    JobDone,
+    JobReceipt,
+    JobSubmit,
+    MasterTakeover,
+    RoundRecord,
+)
 
 log = logging.getLogger("ravenp2p.requester")
 
@@ -69,6 +78,20 @@ class JobResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Failover:
+    """A takeover of the job as the requester saw it."""
+
+    round: int
+    """The round the new master resumed at."""
+    old_master: str
+    new_master: str
+    at: float
+    """When the takeover reached this node (trio clock)."""
+    silent_s: float
+    """How long the old master had been silent by then."""
+
+
 @dataclass
 class JobHandle:
     """A submitted job: its manifest, its progress, and its end."""
@@ -82,6 +105,18 @@ class JobHandle:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     result: JobResult | None = None
     finished: trio.Event = field(default_factory=trio.Event)
+    mastership: Mastership | None = None
+    """A paid job's ranked masters (the escrow's): who may take it over (None: unpaid)."""
+    failovers: list[Failover] = field(default_factory=list)
+    stale_messages: int = 0
+    """Messages of replaced masters, rejected."""
+    masters_seen: list[str] = field(default_factory=list)
+    """Every master that ran the job, in order: providers of its weights."""
+    last_heard: float = 0.0
+    rewritten: list[int] = field(default_factory=list)
+    """Rounds whose record a later master replaced with a different one (work done again)."""
+    progress: trio.Event = field(default_factory=trio.Event)
+    """Set, and replaced by a fresh event, whenever a round record or a takeover arrives."""
 
     @property
     def job_id(self) -> str:
@@ -200,8 +235,9 @@ class Requester:
         if self._nursery is None:
             raise RuntimeError("Requester.run must be started before submitting")
         manifest = prepared.manifest
+        mastership = None
         if manifest.chain is not None:
-            master = await self._open_escrow(manifest, master, deadline_s)
+            master, mastership = await self._open_escrow(manifest, master, deadline_s)
         if master is None:
             raise NoMaster("an unpaid job needs a master named by the caller")
         store = self.node.store
@@ -211,7 +247,8 @@ class Requester:
         handle = JobHandle(
             manifest=manifest, master=master, holdout=prepared.holdout,
             runtime=ModelRuntime(manifest.spec.model, manifest.data, manifest.spec.loss),
-            submitted_at=trio.current_time(),
+            submitted_at=trio.current_time(), mastership=mastership, masters_seen=[master],
+            last_heard=trio.current_time(),
         )
         self.jobs[manifest.job_id] = handle
         channel = await self.node.topics.subscribe(job_topic(manifest.job_id))
@@ -234,8 +271,8 @@ class Requester:
 
     async def _open_escrow(
         self, manifest: JobManifest, master: str | None, deadline_s: float
-    ) -> str:
-        """Deposit the job's budget in its escrow; the peer id of the master it names.
+    ) -> tuple[str, Mastership]:
+        """Deposit the job's budget in its escrow; the peer id of the master it names, and its line.
 
         The master is predicted from the epoch's committee before anything is
         deposited, so a job that no known peer could run locks no money.
@@ -255,7 +292,10 @@ class Requester:
         )
         log.info("Deposited %d base units for job %s (tx %s)", spec.budget,
                  short(manifest.job_id), tx)
-        return self._check_master(master, await chain.master_of(key))
+        job = await chain.job(key)
+        ranked = await CommitteeView(chain).job_masters(key)  # recomputed, and checked
+        view = Mastership(tuple(ranked), current_rank=job.master_rank)
+        return self._check_master(master, view.current), view
 
     def _check_master(self, master: str | None, named: str) -> str:
         """`master`, or the peer with the `named` address, when the two are the same peer."""
@@ -301,9 +341,11 @@ class Requester:
             async for envelope in channel:
                 message = envelope.message
                 if envelope.sender != handle.master:
+                    await self._from_another_master(handle, envelope.sender, message)
                     continue
+                handle.last_heard = trio.current_time()
                 if isinstance(message, RoundRecord) and message.job == handle.job_id:
-                    handle.rounds.append(message)
+                    _keep_record(handle, message)
                     if (message.round + 1) % evaluate_every == 0:
                         latest.append(message)
                         wake.set()
@@ -327,12 +369,52 @@ class Requester:
                 message = envelope.message
                 if (envelope.sender == handle.master and isinstance(message, RoundRecord)
                         and message.job == handle.job_id):
-                    handle.rounds.append(message)
+                    _keep_record(handle, message)
         handle.rounds.sort(key=lambda record: record.round)
 
+    async def _from_another_master(self, handle: JobHandle, sender: str, message: Any) -> None:
+        """Follow a takeover the escrow confirms; count what a replaced master still says."""
+        view = handle.mastership
+        if view is None or sender == handle.manifest.requester:
+            return
+        address = peer_address(sender)
+        if not isinstance(message, MasterTakeover) or message.job != handle.job_id:
+            if view.judge(address) is Verdict.REPLACED:
+                handle.stale_messages += 1
+                log.log(logging.INFO if handle.stale_messages == 1 else logging.DEBUG,
+                        "Rejected a %s of job %s from its replaced master %s", message.TYPE,
+                        short(handle.job_id), short(sender))
+            return
+        chain = self.node.chain
+        if chain is None or view.rank_of(address) != message.rank:
+            return
+        try:
+            confirmed = await confirmed_master(chain, handle.job_id, address)
+        except ChainError as exc:
+            log.warning("Cannot check a takeover of job %s: %s", short(handle.job_id), exc)
+            return
+        now = trio.current_time()
+        if not confirmed or view.take_over(address, now):
+            log.warning("Ignored a takeover of job %s the escrow does not confirm",
+                        short(handle.job_id))
+            return
+        handle.failovers.append(Failover(
+            round=message.round, old_master=handle.master, new_master=sender, at=now,
+            silent_s=now - handle.last_heard,
+        ))
+        log.info("Job %s taken over by %s (rank %d) after %.1f s of silence; resuming at "
+                 "round %d", short(handle.job_id), short(sender), message.rank,
+                 now - handle.last_heard, message.round)
+        handle.master = sender
+        handle.masters_seen.append(sender)
+        handle.last_heard = now
+        handle.progress.set()
+        handle.progress = trio.Event()
+
     async def _scored(self, handle: JobHandle, digest: str) -> tuple[dict[str, np.ndarray], Score]:
+        providers = [handle.master, *reversed(handle.masters_seen)]
         raw = await self.node.blobs.fetch(
-            digest, providers=[handle.master], timeout=60, announce=False
+            digest, providers=list(dict.fromkeys(providers)), timeout=60, announce=False
         )
         weights = decode_tensors(raw)
         score = await trio.to_thread.run_sync(handle.runtime.evaluate, weights, handle.holdout)
@@ -368,3 +450,13 @@ class Requester:
             seconds=trio.current_time() - handle.submitted_at,
         )
         handle.finished.set()
+
+
+def _keep_record(handle: JobHandle, record: RoundRecord) -> None:
+    """Keep a round's record; a new master's record of a round replaces the old one."""
+    if any(r.round == record.round and r != record for r in handle.rounds):
+        handle.rewritten.append(record.round)
+    handle.rounds = [r for r in handle.rounds if r.round != record.round]
+    handle.rounds.append(record)
+    handle.progress.set()
+    handle.progress = trio.Event()

@@ -15,6 +15,7 @@ against the root settled on-chain and claims its payout.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from consensus.mastership import Mastership, Verdict
 from ravenp2p.chain.base import ChainError, ContractReverted
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.network.base import NetworkError
@@ -36,6 +38,7 @@ from ravenp2p.roles.escrow import (
     SettlementMismatch,
     check_escrow,
     claim_own_payout,
+    confirmed_master,
     job_key,
     peer_address,
     sign_result,
@@ -46,12 +49,13 @@ from ravenp2p.training.compute import ComputeProfile, ModelRuntime
 from ravenp2p.training.datasets import DatasetError, Split, read_shard
 from ravenp2p.training.manifest import JobManifest, ManifestError
 from ravenp2p.training.tensors import TensorFormatError, decode_tensors, digest_of, encode_tensors
-from ravenp2p.wire import WireError
+from ravenp2p.wire import Envelope, WireError
 from ravenp2p.wire.job_messages import (
     Assignment,
     CalculationOrder,
     JobAnnounce,
     JobDone,
+    MasterTakeover,
     ResultAck,
     ResultHeader,
 )
@@ -95,6 +99,8 @@ class WorkerStats:
     compute_s: float = 0.0
     earned: int = 0
     """Base units of RAVEN claimed from settled jobs."""
+    stale_messages: int = 0
+    """Messages of replaced masters, rejected."""
 
 
 class _LRU:
@@ -116,9 +122,16 @@ class _LRU:
 
 
 class _JobContext:
-    def __init__(self, manifest: JobManifest, master: str) -> None:
+    def __init__(
+        self, manifest: JobManifest, master: str, announce: JobAnnounce | None = None
+    ) -> None:
         self.manifest = manifest
         self.master = master
+        self.mastership = (
+            Mastership(announce.masters, current_rank=announce.rank)
+            if announce is not None and announce.masters else None
+        )
+        """A paid job's ranked masters: who may take it over from whom (None: unpaid)."""
         self.runtime = ModelRuntime(manifest.spec.model, manifest.data, manifest.spec.loss)
         self.signed: dict[int, tuple[str, bytes]] = {}
         """Calculation -> the digest this worker signed for it and the signature."""
@@ -132,10 +145,13 @@ class Worker:
         node: Node,
         config: WorkerConfig | None = None,
         tamper: ResultTamperer | None = None,
+        second_result: ResultTamperer | None = None,
     ) -> None:
         self.node = node
         self.config = config or WorkerConfig()
         self.tamper = tamper
+        self.second_result = second_result
+        """Fault injection: also sign and deliver this rewrite of each result (equivocation)."""
         self.stats = WorkerStats()
         self._jobs: dict[str, _JobContext] = {}
         self._weights = _LRU(self.config.cached_weights)
@@ -184,7 +200,7 @@ class Worker:
                     job_id, providers=[master, announce.requester], size=announce.manifest_size
                 )
             manifest = JobManifest.decode(raw)
-            context = _JobContext(manifest, master)
+            context = _JobContext(manifest, master, announce)
             refusal = await self._escrow_refusal(manifest, master)
         except (BlobError, NetworkError, trio.TooSlowError, ManifestError, ValueError) as exc:
             log.warning("Cannot take part in job %s: %s", short(job_id), exc)
@@ -200,7 +216,8 @@ class Worker:
             async with trio.open_nursery() as nursery:
                 async for envelope in channel:
                     message = envelope.message
-                    if envelope.sender != master:
+                    if envelope.sender != context.master:
+                        await self._from_another_master(context, envelope)
                         continue
                     if isinstance(message, JobDone) and message.job == job_id:
                         log.info("Job %s is done: %s", short(job_id), message.reason)
@@ -216,6 +233,37 @@ class Worker:
             channel.close()
         if done is not None and manifest.chain is not None and done.settle_tx:
             await self._claim(manifest, done)
+
+    async def _from_another_master(self, context: _JobContext, envelope: Envelope) -> None:
+        """Follow a takeover of the job; count what a replaced master still says."""
+        view = context.mastership
+        if view is None:
+            return
+        message, sender = envelope.message, envelope.sender
+        address = peer_address(sender)
+        job_id = context.manifest.job_id
+        if isinstance(message, MasterTakeover) and message.job == job_id:
+            if view.rank_of(address) != message.rank:
+                return
+            chain = self.node.chain
+            if chain is not None and chain.deployment == context.manifest.chain:
+                try:
+                    confirmed = await confirmed_master(chain, job_id, address)
+                except ChainError as exc:
+                    log.warning("Cannot check a takeover of job %s: %s", short(job_id), exc)
+                    return
+                if not confirmed:
+                    log.warning("Ignored a takeover of job %s the escrow does not confirm",
+                                short(job_id))
+                    return
+            if not view.take_over(address, trio.current_time()):
+                log.info("Job %s is now run by %s (rank %d), resuming at round %d",
+                         short(job_id), short(sender), message.rank, message.round)
+                context.master = sender
+        elif view.judge(address) is Verdict.REPLACED:
+            self.stats.stale_messages += 1
+            log.debug("Rejected a %s of job %s from its replaced master %s", message.TYPE,
+                      short(job_id), short(sender))
 
     async def _escrow_refusal(self, manifest: JobManifest, master: str) -> str:
         """Why this worker must not work on a paid job (a copied or unfunded one), or ""."""
@@ -311,6 +359,8 @@ class Worker:
         )
         before_delivery = time.perf_counter()
         await self._deliver(context, header, body)
+        if self.second_result is not None:
+            await self._equivocate(context, order, gradient, header)
         log.debug(
             "Calculation %d: fetch %.1f ms, compute %.1f ms, delivery %.1f ms", order.calc,
             1000 * (fetched - received), 1000 * compute_s,
@@ -335,6 +385,20 @@ class Worker:
         signature = sign_result(self.node.identity, context.manifest, calc, digest)
         context.signed[calc] = (digest, signature)
         return signature
+
+    async def _equivocate(
+        self, context: _JobContext, order: CalculationOrder, gradient: Tensors,
+        header: ResultHeader,
+    ) -> None:
+        """Fault injection: sign and deliver a second, different result for the same calculation."""
+        assert self.second_result is not None
+        body = encode_tensors(self.second_result(order, gradient))
+        digest = digest_of(body)
+        if digest == header.digest:
+            return
+        signature = sign_result(self.node.identity, context.manifest, order.calc, digest)
+        second = dataclasses.replace(header, digest=digest, size=len(body), signature=signature)
+        await self._deliver(context, second, body)
 
     def _compute(
         self, context: _JobContext, weights: Tensors, shard: Split, order: CalculationOrder

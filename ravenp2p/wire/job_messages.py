@@ -15,6 +15,8 @@ from ravenp2p.wire.schema import Message, constrained, register
 DIGEST_PATTERN = r"[0-9a-f]{64}"
 MAX_CALCULATIONS_PER_MESSAGE = 256
 MAX_WORKERS_PER_CALCULATION = 32
+MAX_MASTERS = 256
+"""A committee has at most this many members (the registry's candidate bound)."""
 CALCULATION_KINDS = ("gradient", "local_steps")
 
 
@@ -56,6 +58,77 @@ class JobAnnounce(Message):
     job: str = constrained(pattern=DIGEST_PATTERN)
     requester: str = constrained(pattern=PEER_ID_PATTERN)
     manifest_size: int = constrained(min=1, max=64 * 1024 * 1024)
+    masters: tuple[str, ...] = constrained(max_len=MAX_MASTERS, pattern=ADDRESS_PATTERN,
+                                           default=())
+    """A paid job's masters in rank order (the escrow's), empty for an unpaid job."""
+    rank: int = constrained(min=0, max=MAX_MASTERS - 1, default=0)
+    """The announcing master's rank among `masters`."""
+
+
+@register
+@dataclass(frozen=True)
+class MasterHeartbeat(Message):
+    """The job's master is alive and at this round (on the job's reliable topic, every second).
+
+    Committee members ranked after it take the job over when these stop.
+    """
+
+    TYPE = "job.heartbeat"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    rank: int = constrained(min=0, max=MAX_MASTERS - 1)
+    round: int = constrained(min=0)
+    weights: str = constrained(pattern=DIGEST_PATTERN)
+
+
+@register
+@dataclass(frozen=True)
+class MasterTakeover(Message):
+    """A committee member took the job over (the escrow agreed) and resumes it at `round`.
+
+    From then on peers act only on its messages; the replaced master's are rejected.
+    """
+
+    TYPE = "job.takeover"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    rank: int = constrained(min=1, max=MAX_MASTERS - 1)
+    replaced_rank: int = constrained(min=0, max=MAX_MASTERS - 1)
+    round: int = constrained(min=0)
+    weights: str = constrained(pattern=DIGEST_PATTERN)
+
+
+@register
+@dataclass(frozen=True)
+class ReplicaOffer(Message):
+    """The master hands a committee member the state to resume the job from (each round).
+
+    `checkpoint` is the digest of the checkpoint blob (msgpack: round,
+    weights and optimizer digests, credits, the last round record, ...); the
+    member fetches it and the tensors it names from the master before it acks.
+    """
+
+    TYPE = "job.replica"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    manifest_size: int = constrained(min=1, max=64 * 1024 * 1024)
+    rank: int = constrained(min=0, max=MAX_MASTERS - 1)
+    round: int = constrained(min=0)
+    checkpoint: str = constrained(pattern=DIGEST_PATTERN)
+    checkpoint_size: int = constrained(min=1, max=64 * 1024 * 1024)
+
+
+@register
+@dataclass(frozen=True)
+class ReplicaAck(Message):
+    """A committee member's answer to `ReplicaOffer`: stored (it can resume the job), or why not."""
+
+    TYPE = "job.replica_ack"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    round: int = constrained(min=0)
+    stored: bool = constrained()
+    reason: str = constrained(max_len=512, default="")
 
 
 @register
