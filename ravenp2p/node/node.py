@@ -25,7 +25,7 @@ from ravenp2p.clock import Clock, SystemClock
 from ravenp2p.data.blobs import BlobService
 from ravenp2p.data.store import BlobStore
 from ravenp2p.identity import NodeIdentity, address_of, public_key_of_peer
-from ravenp2p.network.base import Network, NetworkError, PeerInfo
+from ravenp2p.network.base import Network, NetworkError, PeerInfo, PeerUnreachable
 from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.control import serve_control
 from ravenp2p.topics import ReliableTopics, TopicConfig
@@ -316,6 +316,33 @@ class Node:
     async def find_peer(self, peer_id: str, timeout: float = 10.0) -> PeerInfo | None:
         """Look a peer up by id through the DHT."""
         return await self.network.find_peer(peer_id, timeout=timeout)
+
+    async def reach(self, peer_id: str, timeout: float = 10.0) -> None:
+        """Make sure a connection to `peer_id` is open before a request that must get through.
+
+        Links come and go (a peer restarts, an idle link is closed); a peer
+        this node knows is dialled again at the addresses its capability
+        record advertises, else wherever the DHT says it is. Raises
+        `NetworkError` when none of them answers.
+        """
+        if peer_id in self.network.connected_peers():
+            return
+        known = self.directory.get(peer_id)
+        addrs = list(known.capability.addrs) if known and known.capability else []
+        if not addrs:
+            info = await self.find_peer(peer_id, timeout=timeout)
+            addrs = [f"{addr}/p2p/{peer_id}" if "/p2p/" not in addr else addr
+                     for addr in (info.addrs if info else ())]
+        failures = []
+        for addr in addrs:
+            try:
+                await self.network.connect(addr, timeout=timeout)
+                return
+            except NetworkError as exc:
+                failures.append(f"{addr}: {exc}")
+        raise PeerUnreachable(
+            f"cannot reach {peer_id}: " + ("; ".join(failures) or "no known address")
+        )
 
     async def fetch_capability(
         self, peer_id: str, timeout: float = 10.0

@@ -968,6 +968,7 @@ class Master:
 
         async def push(peer: str) -> None:
             try:
+                await self.node.reach(peer, timeout=timeout)
                 reply = await self.node.network.request(peer, REPLICA_PROTOCOL, raw,
                                                         timeout=timeout)
                 ack = self.node.codec.open(reply, context=REPLICA_PROTOCOL,

@@ -257,6 +257,7 @@ class Requester:
         request = JobSubmit(manifest=manifest.job_id, manifest_size=len(manifest.encode()))
         raw = self.node.codec.seal(request, context=SUBMIT_PROTOCOL)
         with trio.fail_after(timeout):
+            await self.node.reach(master, timeout=timeout)
             reply = await self.node.network.request(master, SUBMIT_PROTOCOL, raw, timeout=timeout)
         receipt = self.node.codec.open(reply, context=SUBMIT_PROTOCOL, from_peer=master).message
         if not isinstance(receipt, JobReceipt) or receipt.job != manifest.job_id:

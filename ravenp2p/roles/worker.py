@@ -423,6 +423,7 @@ class Worker:
         with trio.move_on_after(self.config.submit_timeout_s):
             for attempt in range(DELIVERY_ATTEMPTS):
                 try:
+                    await self.node.reach(context.master)
                     stream = await self.node.network.open_bulk_stream(
                         context.master, RESULT_PROTOCOL
                     )

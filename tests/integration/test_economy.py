@@ -105,6 +105,7 @@ async def submit(node, master: str, job_id: str, size: int) -> JobReceipt:
     """Hand a master a job submission directly and return its receipt."""
     request = node.codec.seal(JobSubmit(manifest=job_id, manifest_size=size),
                               context=SUBMIT_PROTOCOL)
+    await node.reach(master)
     reply = await node.network.request(master, SUBMIT_PROTOCOL, request, timeout=60)
     receipt = node.codec.open(reply, context=SUBMIT_PROTOCOL, from_peer=master).message
     assert isinstance(receipt, JobReceipt)

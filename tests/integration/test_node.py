@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from ravenp2p.identity import NodeIdentity, create_identity
-from ravenp2p.network.base import RequestFailed
+from ravenp2p.network.base import PeerUnreachable, RequestFailed
 from ravenp2p.network.libp2p import Libp2pNetwork
 from ravenp2p.node.config import ConfigError, NodeConfig
 from ravenp2p.node.node import PEERS_TOPIC, Node, capability_key
@@ -52,6 +52,23 @@ async def test_nodes_discover_each_other_and_verify_records(tmp_path):
             record = await nodes[1].fetch_capability(nodes[4].peer_id)
         assert record is not None and record.address == nodes[4].identity.address
         for node in nodes:
+            node.stop()
+
+
+async def test_a_known_peer_is_dialled_again_before_a_request_must_get_through(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a, b, c = await start_nodes(nursery, tmp_path, 3)
+        with trio.fail_after(15):
+            await b.wait_for_peers(2)
+        await b.network.disconnect(c.peer_id)
+        assert c.peer_id not in b.network.connected_peers()
+        with trio.fail_after(15):
+            await b.reach(c.peer_id)
+        assert c.peer_id in b.network.connected_peers()
+        stranger = create_identity(tmp_path / "stranger").peer_id  # never on the network
+        with pytest.raises(PeerUnreachable, match="no known address"):
+            await b.reach(stranger, timeout=2)
+        for node in (a, b, c):
             node.stop()
 
 
