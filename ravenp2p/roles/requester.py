@@ -275,8 +275,9 @@ class Requester:
     ) -> tuple[str, Mastership]:
         """Deposit the job's budget in its escrow; the peer id of the master it names, and its line.
 
-        The master is predicted from the epoch's committee before anything is
-        deposited, so a job that no known peer could run locks no money.
+        The master is predicted from the epoch's committee (elected first when
+        nobody has yet) before anything is deposited, so a job that no known
+        peer could run locks no money.
         """
         chain = self.node.chain
         if chain is None or chain.deployment != manifest.chain:
@@ -284,8 +285,9 @@ class Requester:
         spec = manifest.spec
         key = job_key(manifest.job_id)
         epoch = await chain.current_epoch()
-        if await chain.is_elected(epoch):
-            master = self._check_master(master, rank_masters(key, await chain.committee(epoch))[0])
+        if not await chain.is_elected(epoch):  # createJob would elect it, after the deposit
+            await chain.elect()
+        master = self._check_master(master, rank_masters(key, await chain.committee(epoch))[0])
         deadline = await chain.now() + int(deadline_s)
         tx = await chain.create_job(
             key, spec.price_per_calculation, spec.redundancy, max_calculations(manifest),

@@ -20,7 +20,7 @@ from integration.money import check_money
 from consensus.election import rank_masters
 from ravenp2p.chain.base import ContractReverted, Deployment, JobStatusOnChain
 from ravenp2p.chain.deploy import deploy_contracts, save_deployment
-from ravenp2p.chain.devchain import Anvil, anvil_path
+from ravenp2p.chain.devchain import Anvil, EmbeddedChain, anvil_path
 from ravenp2p.chain.web3chain import Web3Chain
 from ravenp2p.devnet import (
     RAVEN,
@@ -32,7 +32,7 @@ from ravenp2p.devnet import (
     summarize,
 )
 from ravenp2p.identity import create_identity
-from ravenp2p.roles.escrow import job_key, max_calculations
+from ravenp2p.roles.escrow import job_key, max_calculations, peer_address
 from ravenp2p.roles.master import MasterConfig
 from ravenp2p.roles.protocol import SUBMIT_PROTOCOL
 from ravenp2p.roles.requester import DEFAULT_CHUNK_SIZE, NoMaster, prepare_job
@@ -216,3 +216,20 @@ async def test_a_master_the_escrow_no_longer_accepts_stops_without_settling() ->
         assert net.economy is not None
         job = await net.economy.owner.job(job_key(result.job_id))
         assert job.status is JobStatusOnChain.OPEN  # the requester refunds after the deadline
+
+
+async def test_a_requester_elects_a_new_epochs_committee_before_it_deposits() -> None:
+    """With no committee yet, the requester elects one first: it never deposits blind."""
+    async with start_devnet(3, masters=2, economy=True) as net:
+        money = net.economy
+        assert money is not None and isinstance(money.backend, EmbeddedChain)
+        money.backend.advance_time(3600)  # the devnet's epochs last an hour
+        epoch = await money.owner.current_epoch()
+        assert not await money.owner.is_elected(epoch)
+        spec = devnet_spec()
+        await money.owner.mint(net.requester.node.identity.address, spec.budget)
+        handle = await net.requester.submit(spec)
+        assert await money.owner.is_elected(epoch)
+        named = await money.owner.master_of(job_key(handle.job_id))
+        assert peer_address(handle.master) == named
+        assert (await money.owner.job(job_key(handle.job_id))).epoch == epoch
