@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--candidate", action="store_true",
                       help="stand as a master candidate (needs the registry's minimum stake; "
                       "implies --master: an elected member must run, watch and take over jobs)")
+    node.add_argument("--metrics-port", type=int, metavar="PORT",
+                      help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                      "(default: no metrics endpoint)")
+    node.add_argument("--metrics-host", metavar="HOST",
+                      help="address the metrics endpoint listens on (default 127.0.0.1: this "
+                      "machine only; 0.0.0.0 lets any machine that reaches this one read them)")
     node.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     node.add_argument("--log-json", action="store_true", help="write logs as JSON lines")
 
@@ -150,10 +156,13 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _node(args: argparse.Namespace) -> int:
     from ravenp2p.log import configure_logging
-    from ravenp2p.node.config import NodeConfig
+    from ravenp2p.node.config import ConfigError, NodeConfig
     from ravenp2p.node.daemon import run_daemon
+    from ravenp2p.node.metrics import DEFAULT_HOST
     from ravenp2p.training.spec import parse_amount
 
+    if args.metrics_host is not None and args.metrics_port is None:
+        raise ConfigError("metrics_host: --metrics-host needs --metrics-port")
     config = NodeConfig(
         data_dir=args.data_dir,
         listen=tuple(args.listen or ("/ip4/127.0.0.1/tcp/0",)),
@@ -167,6 +176,8 @@ def _node(args: argparse.Namespace) -> int:
         contracts=args.contracts,
         stake=parse_amount("stake", args.stake),
         candidate=args.candidate,
+        metrics_port=args.metrics_port,
+        metrics_host=DEFAULT_HOST if args.metrics_host is None else args.metrics_host,
     )
     configure_logging(args.log_level, json_format=args.log_json)
     trio.run(run_daemon, config)

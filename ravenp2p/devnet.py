@@ -39,6 +39,7 @@ import trio
 from ravenp2p.chain.base import Deployment, JobStatusOnChain
 from ravenp2p.chain.deploy import deploy_contracts, save_deployment
 from ravenp2p.chain.devchain import DevChain, EmbeddedChain
+from ravenp2p.chain.pricing import current_quote, price_in_raven
 from ravenp2p.chain.web3chain import Web3Chain
 from ravenp2p.identity import NodeIdentity, create_identity
 from ravenp2p.network.libp2p import Libp2pNetwork
@@ -105,6 +106,7 @@ class DevnetEconomy:
     async def fund(self, identity: NodeIdentity, tokens: int) -> None:
         """Give a node's address gas money and `tokens` RAVEN."""
         self.backend.fund(identity.address, GAS_MONEY)
+        self.owner.resync_nonce()  # the backend's funder is the owner's account too
         if tokens:
             await self.owner.mint(identity.address, tokens)
 
@@ -552,7 +554,10 @@ async def run_devnet(
         log.info("Devnet up: %d masters, 1 requester, %d workers (%d byzantine)%s",
                  masters, workers, byzantine, ", paid on-chain" if economy else "")
         if net.economy is not None:
-            await net.economy.owner.mint(net.requester.node.identity.address, spec.budget)
+            budget = spec.budget
+            if spec.currency == "USD":  # what the requester will deposit at the feed's price
+                budget = price_in_raven(spec, await current_quote(net.economy.owner)).budget
+            await net.economy.owner.mint(net.requester.node.identity.address, budget)
         begin = time.monotonic()
         master = None if economy else net.master.node.peer_id
         handle = await net.requester.submit(spec, master)

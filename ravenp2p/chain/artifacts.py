@@ -16,7 +16,7 @@ from typing import Any
 
 from ravenp2p.chain.base import ChainError
 
-CONTRACT_NAMES = ("RavenToken", "StakeRegistry", "JobEscrow")
+CONTRACT_NAMES = ("RavenToken", "StakeRegistry", "JobEscrow", "PriceFeed")
 
 
 @dataclass(frozen=True)

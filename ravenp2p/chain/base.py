@@ -11,7 +11,7 @@ bytes, addresses EIP-55 checksummed strings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
@@ -54,34 +54,47 @@ class Deployment:
     token: str
     registry: str
     escrow: str
+    price_feed: str | None = field(default=None, compare=False)
+    """The RAVEN/USD feed (any Chainlink `AggregatorV3Interface`) that prices USD jobs, or None.
+
+    Not part of the deployment's identity (equality): only a requester reads it,
+    and a job's manifest names the contracts that hold its money, not the feed.
+    """
 
     def __post_init__(self) -> None:
         """Addresses in EIP-55 form, so two deployments compare equal however they were written."""
         chain_id = self.chain_id
         if isinstance(chain_id, bool) or not isinstance(chain_id, int) or chain_id <= 0:
             raise ValueError("deployment.chain_id: must be a positive integer")
-        for name in ("token", "registry", "escrow"):
+        names = ("token", "registry", "escrow")
+        for name in (*names, "price_feed") if self.price_feed is not None else names:
             try:
                 object.__setattr__(self, name, checksum_address(getattr(self, name)))
             except ValueError as exc:
                 raise ValueError(f"deployment.{name}: {exc}") from None
 
     def to_dict(self) -> dict[str, object]:
-        """Plain data for a deployment file."""
-        return {
+        """Plain data for a deployment file (`price_feed` only when there is one)."""
+        data: dict[str, object] = {
             "chain_id": self.chain_id,
             "token": self.token,
             "registry": self.registry,
             "escrow": self.escrow,
         }
+        if self.price_feed is not None:
+            data["price_feed"] = self.price_feed
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Deployment:
+        """A deployment from `to_dict` data; files written before price feeds existed lack one."""
         try:
-            values = [data[k] for k in ("chain_id", "token", "registry", "escrow")]
+            chain_id, token, registry, escrow = (
+                data[k] for k in ("chain_id", "token", "registry", "escrow")
+            )
         except KeyError as exc:
             raise ValueError(f"deployment: missing {exc.args[0]!r}") from None
-        return cls(*values)  # type: ignore[arg-type]
+        return cls(chain_id, token, registry, escrow, data.get("price_feed"))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,24 @@ class JobOnChain:
     root: bytes
     payout_total: int
     claimed_total: int
+
+
+@dataclass(frozen=True)
+class PriceQuote:
+    """A price feed's latest round, as `AggregatorV3Interface.latestRoundData` reports it.
+
+    `answer` is the price (for the RAVEN/USD feed: USD per RAVEN) times
+    ``10**decimals``. Nothing is checked here: `ravenp2p.chain.pricing.check_quote`
+    decides whether the answer is usable.
+    """
+
+    feed: str
+    round_id: int
+    answer: int
+    started_at: int
+    updated_at: int
+    answered_in_round: int
+    decimals: int
 
 
 @dataclass(frozen=True)
@@ -292,3 +323,8 @@ class Chain(Protocol):
     async def has_claimed(self, job_id: bytes, account: str) -> bool: ...
 
     async def refund(self, job_id: bytes) -> str: ...
+
+    # price feed
+    async def raven_usd_price(self) -> PriceQuote:
+        """The deployment's RAVEN/USD feed, latest round; ChainError when it names no feed."""
+        ...

@@ -1,7 +1,7 @@
-"""Deploying the three contracts, and the deployment file nodes read to find them.
+"""Deploying the contracts, and the deployment file nodes read to find them.
 
-The defaults are devnet figures (short master timeout, one-hour epochs); a
-public deployment passes its own `DeployParams`.
+The defaults are devnet figures (short master timeout, one-hour epochs, an
+owner-set RAVEN/USD price); a public deployment passes its own `DeployParams`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from ravenp2p.chain.sender import TransactionSender
 logger = logging.getLogger("ravenp2p.chain")
 
 RAVEN = 10**18
+PRICE_FEED_DECIMALS = 8
+"""Decimals of the deployed RAVEN/USD feed's answers, as Chainlink's USD feeds use."""
+PRICE_FEED_DESCRIPTION = "RAVEN / USD"
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,10 @@ class DeployParams:
 
     The defaults suit a devnet: 100 RAVEN to stand as master, a day of
     unbonding, one-hour epochs, a committee of 3 out of at most 64 candidates,
-    equivocation costs the whole stake (10% of it to the reporter), and a
-    silent master is replaced after 10 s (the failover timeout nodes use).
+    equivocation costs the whole stake (10% of it to the reporter), a
+    silent master is replaced after 10 s (the failover timeout nodes use), and
+    the deployer's price feed starts at 1 RAVEN = 0.50 USD (`usd_per_raven`,
+    with `PRICE_FEED_DECIMALS` decimals; the deployer updates it with `setPrice`).
     """
 
     min_master_stake: int = 100 * RAVEN
@@ -44,6 +49,7 @@ class DeployParams:
     equivocation_slash_bps: int = 10_000
     reporter_share_bps: int = 1_000
     master_timeout: int = 10
+    usd_per_raven: int = 50_000_000
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -69,7 +75,7 @@ def deploy_contracts(
     params: DeployParams | None = None,
     treasury: str | None = None,
 ) -> Deployment:
-    """Deploy token, registry and escrow from the deployer's account; the deployer owns the token.
+    """Deploy token, registry, escrow and price feed; the deployer owns the token and the feed.
 
     `treasury` receives protocol fees and slashed stake; it defaults to the
     deployer's address.
@@ -92,9 +98,14 @@ def deploy_contracts(
         params.reporter_share_bps,
     )
     escrow = _deploy(sender, "JobEscrow", token, registry, treasury, params.master_timeout)
+    feed = _deploy(
+        sender, "PriceFeed", PRICE_FEED_DESCRIPTION, PRICE_FEED_DECIMALS, params.usd_per_raven
+    )
     with chain_errors(w3, "chain", "eth_chainId"):
         chain_id = w3.eth.chain_id
-    return Deployment(chain_id=chain_id, token=token, registry=registry, escrow=escrow)
+    return Deployment(
+        chain_id=chain_id, token=token, registry=registry, escrow=escrow, price_feed=feed
+    )
 
 
 def save_deployment(deployment: Deployment, path: Path) -> None:

@@ -5,7 +5,7 @@ own `TransactionFailed` whose message holds either the decoded revert string
 or the repr of the raw revert bytes, a JSON-RPC node answers with an error that
 web3 turns into `ContractLogicError` carrying the revert data as hex. Both are
 reduced here to the raw revert data (or the already decoded string) and
-decoded against the ABIs of the three contracts, so `ContractReverted.reason`
+decoded against the ABIs of the contracts, so `ContractReverted.reason`
 reads the same whichever backend raised it.
 """
 

@@ -28,6 +28,7 @@ from ravenp2p.chain.base import (
     ElectionTable,
     JobOnChain,
     JobStatusOnChain,
+    PriceQuote,
     RegistryParams,
     Settled,
     StakeInfo,
@@ -94,11 +95,14 @@ class Web3Chain:
                 f"{endpoint_of(w3)} runs chain id {self._sender.chain_id}"
             )
         self._contracts: dict[str, Contract] = {}
-        for name, address in (
+        contracts = [
             ("RavenToken", deployment.token),
             ("StakeRegistry", deployment.registry),
             ("JobEscrow", deployment.escrow),
-        ):
+        ]
+        if deployment.price_feed is not None:  # any AggregatorV3 feed: PriceFeed's ABI has it
+            contracts.append(("PriceFeed", deployment.price_feed))
+        for name, address in contracts:
             checksummed = _address(f"deployment {name} address", address)
             with chain_errors(w3, name, "eth_getCode"):
                 code = w3.eth.get_code(checksummed)
@@ -517,6 +521,42 @@ class Web3Chain:
 
     async def refund(self, job_id: bytes) -> str:
         return await self._tx("JobEscrow", "refund", _bytes32("job_id", job_id))
+
+    # ----------------------------------------------------------- price feed
+
+    async def raven_usd_price(self) -> PriceQuote:
+        """The RAVEN/USD feed's latest round, unchecked (see `ravenp2p.chain.pricing`)."""
+        if "PriceFeed" not in self._contracts:
+            raise ChainError(
+                "the deployment names no price feed (deployment.price_feed): USD prices "
+                "cannot be converted to RAVEN"
+            )
+        decimals = int(self._view("PriceFeed", "decimals"))
+        round_id, answer, started_at, updated_at, answered_in = self._view(
+            "PriceFeed", "latestRoundData"
+        )
+        return PriceQuote(
+            feed=self._contracts["PriceFeed"].address,
+            round_id=int(round_id),
+            answer=int(answer),
+            started_at=int(started_at),
+            updated_at=int(updated_at),
+            answered_in_round=int(answered_in),
+            decimals=decimals,
+        )
+
+    async def set_usd_price(self, answer: int) -> str:
+        """Publish a new RAVEN/USD round on the deployment's `PriceFeed`; only its owner may.
+
+        `answer` is USD per RAVEN with the feed's decimals (8 for deployed feeds).
+        """
+        if "PriceFeed" not in self._contracts:
+            raise ChainError("the deployment names no price feed (deployment.price_feed)")
+        if isinstance(answer, bool) or not isinstance(answer, int):
+            raise ValueError(f"answer must be an integer, got {type(answer).__name__}")
+        if not -(2**255) <= answer < 2**255:
+            raise ValueError(f"answer must fit an int256, got {answer}")
+        return await self._tx("PriceFeed", "setPrice", answer)
 
 
 def _job_from_tuple(job_id: bytes, raw: Sequence[Any]) -> JobOnChain:

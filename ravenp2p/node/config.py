@@ -8,6 +8,8 @@ from pathlib import Path
 import multiaddr
 
 from ravenp2p.node.control import check_socket_path
+from ravenp2p.node.metrics import DEFAULT_HOST as DEFAULT_METRICS_HOST
+from ravenp2p.node.metrics import check_host, check_port
 from ravenp2p.wire import WireLimits
 
 
@@ -60,6 +62,10 @@ class NodeConfig:
     """Base units of RAVEN the node keeps staked: topped up from its balance at start."""
     candidate: bool = False
     """Stand as a master candidate for the committee (needs the registry's minimum stake)."""
+    metrics_port: int | None = None
+    """TCP port of the Prometheus metrics endpoint (None: no endpoint; 0: any free port)."""
+    metrics_host: str = DEFAULT_METRICS_HOST
+    """Address the metrics endpoint listens on: this machine only unless opened up."""
     limits: WireLimits = field(default_factory=WireLimits)
 
     def __post_init__(self) -> None:
@@ -88,6 +94,15 @@ class NodeConfig:
             raise ConfigError("chain: --contracts, --stake and --candidate need --chain URL")
         if self.stake < 0:
             raise ConfigError(f"stake: must not be negative, not {self.stake}")
+        try:
+            if self.metrics_port is not None:
+                check_port(self.metrics_port)
+        except ValueError as exc:
+            raise ConfigError(f"metrics_port: {exc}") from None
+        try:
+            check_host(self.metrics_host)
+        except ValueError as exc:
+            raise ConfigError(f"metrics_host: {exc}") from None
         if self.control:
             try:
                 check_socket_path(self.data_dir)

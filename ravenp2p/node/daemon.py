@@ -16,6 +16,7 @@ from ravenp2p.chain.base import Chain
 from ravenp2p.identity import NodeIdentity, load_or_create_identity
 from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
+from ravenp2p.node.metrics import NodeMetrics, is_loopback, metrics_url, serve_metrics
 from ravenp2p.node.node import Node
 from ravenp2p.roles.committee import CommitteeView
 from ravenp2p.roles.master import Master
@@ -48,6 +49,15 @@ async def _stop_on_signal(node: Node, scope: trio.CancelScope, timeout: float) -
             elif now - first_at > REPEAT_SIGNAL_GRACE_S:
                 log.warning("Second signal: stopping now")
                 scope.cancel()
+
+
+async def _start_metrics(nursery: trio.Nursery, config: NodeConfig, metrics: NodeMetrics) -> None:
+    """Listen for scrapes before the node joins, so a port already taken fails the start."""
+    assert config.metrics_port is not None
+    host = config.metrics_host
+    port = await nursery.start(serve_metrics, host, config.metrics_port, metrics.collect)
+    scope = "" if is_loopback(host) else " (reachable from other machines)"
+    log.info("Serving Prometheus metrics at %s%s", metrics_url(host, port), scope)
 
 
 async def open_chain(config: NodeConfig, identity: NodeIdentity) -> Chain:
@@ -116,13 +126,17 @@ async def _run_locked(config: NodeConfig) -> None:
     chain = await open_chain(config, identity) if config.chain_url else None
     network = Libp2pNetwork(identity, config.listen, DAEMON_NETWORK_CONFIG)
     node = Node(network, identity, config, chain=chain)
-    node.add_role(Worker(node, WorkerConfig(max_threads=config.max_threads)).run)
+    worker = Worker(node, WorkerConfig(max_threads=config.max_threads))
+    node.add_role(worker.run)
     committee = CommitteeView(chain) if chain is not None else None
     if committee is not None:
         node.add_role(committee.run)
-    if config.master or config.candidate:
-        node.add_role(Master(node, committee=committee).run)
+    master = Master(node, committee=committee) if config.master or config.candidate else None
+    if master is not None:
+        node.add_role(master.run)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, node, nursery.cancel_scope, config.shutdown_timeout_s)
+        if config.metrics_port is not None:
+            await _start_metrics(nursery, config, NodeMetrics(node, worker=worker, master=master))
         await node.run()
         nursery.cancel_scope.cancel()

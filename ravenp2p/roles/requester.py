@@ -25,6 +25,13 @@ import trio
 from consensus.election import rank_masters
 from consensus.mastership import Mastership, Verdict
 from ravenp2p.chain.base import ChainError, Deployment
+from ravenp2p.chain.pricing import (
+    MAX_PRICE_AGE_S,
+    PriceRefused,
+    current_quote,
+    price_in_raven,
+    usd_per_raven,
+)
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.data.store import chunk_digests
 from ravenp2p.network.base import NetworkError
@@ -37,7 +44,7 @@ from ravenp2p.training.compute import ModelRuntime
 from ravenp2p.training.datasets import DataInfo, Split, cut_shards, load_dataset
 from ravenp2p.training.manifest import JobManifest, ShardRef
 from ravenp2p.training.selector import resolve_model
-from ravenp2p.training.spec import JobSpec
+from ravenp2p.training.spec import JobSpec, format_amount
 from ravenp2p.training.tensors import decode_tensors, digest_of, encode_tensors
 from ravenp2p.wire import WireError
 from ravenp2p.wire.job_messages import (
@@ -205,19 +212,31 @@ class Requester:
         timeout: float = 60.0,
         *,
         deadline_s: float = ESCROW_DEADLINE_S,
+        max_price_age_s: int = MAX_PRICE_AGE_S,
     ) -> JobHandle:
         """Prepare the job, publish its blobs, and hand it to its master.
 
         On a node with a chain the job is paid: its budget is deposited in the
         escrow (settlement is due within `deadline_s`) and `master` defaults to
-        the one the escrow names. Raises `JobRefused` with the master's reason,
-        `NoMaster`, `ChainError` when the deposit fails, `NetworkError` when
-        the master cannot be reached.
+        the one the escrow names. A USD-priced job is first priced in RAVEN at
+        the deployment's price feed, whose answer may be at most
+        `max_price_age_s` old. Raises `JobRefused` with the master's reason,
+        `NoMaster`, `ChainError` when the deposit fails (`PriceRefused` when
+        the feed cannot price the job), `NetworkError` when the master cannot
+        be reached.
         """
         if self._nursery is None:
             raise RuntimeError("Requester.run must be started before submitting")
         chain = self.node.chain
         deployment = chain.deployment if chain is not None else None
+        if chain is not None and spec.currency == "USD":
+            quote = await current_quote(chain, max_price_age_s)
+            usd, spec = spec, price_in_raven(spec, quote)
+            log.info("Priced %s at %s (feed round %d): %s USD = %s RAVEN per calculation, "
+                     "budget %s USD = %s RAVEN", spec.name, usd_per_raven(quote), quote.round_id,
+                     format_amount(usd.price_per_calculation_usd),
+                     format_amount(spec.price_per_calculation), format_amount(usd.budget_usd),
+                     format_amount(spec.budget))
         prepared = await trio.to_thread.run_sync(
             prepare_job, spec, self.node.peer_id, DEFAULT_CHUNK_SIZE, deployment
         )
@@ -283,6 +302,9 @@ class Requester:
         if chain is None or chain.deployment != manifest.chain:
             raise NoMaster("the job is paid on a chain this node is not connected to")
         spec = manifest.spec
+        if spec.currency != "RAVEN":
+            raise PriceRefused(f"job {short(manifest.job_id)} is priced in {spec.currency}: a paid "
+                               "job is prepared from its spec priced in RAVEN (submit does that)")
         key = job_key(manifest.job_id)
         epoch = await chain.current_epoch()
         if not await chain.is_elected(epoch):  # createJob would elect it, after the deposit

@@ -42,8 +42,9 @@ Layout::
     evaluate_every = 5                 # rounds between evaluations, >= 1
 
     [payment]
-    price_per_calculation = "0.001"    # RAVEN per accepted calculation per worker
-    budget = "2"                       # RAVEN; must cover max_cost()
+    currency = "RAVEN"                 # or "USD" (default RAVEN)
+    price_per_calculation = "0.001"    # per accepted calculation per worker, in `currency`
+    budget = "2"                       # in `currency`; must cover max_cost()
 
 An explicit model replaces ``model = "auto"`` with a table whose layers give only
 output sizes; input sizes are inferred from the data::
@@ -62,6 +63,12 @@ file of that name. Amounts are RAVEN, written as a decimal string (exact) or a
 number, with at most 18 decimals; internally they are integer base units
 (``RAVEN`` base units per token). In `JobSpec.to_dict` amounts are exact decimal
 strings of RAVEN, so the dict is also a valid TOML document of the same job.
+
+With ``currency = "USD"`` the amounts are USD, written the same way (at most
+18 decimals, kept exactly as integer units of 10**-18 USD). Such a spec holds
+no RAVEN amounts until a requester on a chain converts them at its price feed's
+rate (`JobSpec.in_raven`, `ravenp2p.chain.pricing`): jobs are paid, and
+manifests priced, in RAVEN only.
 
 The worst-case cost of a job is every round running every calculation on
 ``redundancy`` workers, plus the 10% margin (master 5%, partner 3%, protocol
@@ -94,6 +101,8 @@ DATASET_FORMATS = ("auto", "digits", "mnist", "npz", "csv", "text")
 LOSSES = ("cross_entropy", "mse")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 ZOO_MODELS = ("mlp", "cnn", "char-transformer")
+
+CURRENCIES = ("RAVEN", "USD")
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _AMOUNT_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)?")
@@ -318,6 +327,14 @@ class JobSpec:
     shard in batches of `batch_size` and returns the change of the weights; the master
     adds the average change. Fewer, larger rounds: far less traffic per sample."""
     batch_size: int = 64
+    currency: str = "RAVEN"
+    """What the [payment] amounts were written in. For "USD", `price_per_calculation`
+    and `budget` are 0 (not priced in RAVEN yet) and the USD amounts below hold the job's
+    price; `in_raven` gives the RAVEN-priced spec a paid job runs with."""
+    price_per_calculation_usd: int = 0
+    """USD per accepted calculation per worker in units of 10**-18 USD (currency "USD")."""
+    budget_usd: int = 0
+    """The budget in units of 10**-18 USD (currency "USD")."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, deterministic data (str/int/float/bool/list/dict) that `from_dict` reads back.
@@ -338,10 +355,7 @@ class JobSpec:
             "dataset": _dataset_to_dict(self.dataset),
             "optimizer": _optimizer_to_dict(self.optimizer),
             "stop": _stop_to_dict(self.stop),
-            "payment": {
-                "price_per_calculation": format_amount(self.price_per_calculation),
-                "budget": format_amount(self.budget),
-            },
+            "payment": _payment_to_dict(self),
         }
         return data
 
@@ -353,37 +367,55 @@ class JobSpec:
         """
         return _parse_job(data)
 
-    def max_cost(self) -> int:
-        """Worst-case payment in base units: every calculation on every worker, plus margin."""
+    def max_cost(self, price: int | None = None) -> int:
+        """Worst-case payment in base units: every calculation on every worker, plus margin.
+
+        At `price` per calculation when given (in the same units the result is in),
+        else at the spec's RAVEN price.
+        """
+        if price is None:
+            price = self.price_per_calculation
         operational = (
-            self.stop.max_rounds
-            * self.calculations_per_round
-            * self.redundancy
-            * self.price_per_calculation
+            self.stop.max_rounds * self.calculations_per_round * self.redundancy * price
         )
         return operational * (100 + MARGIN_PERCENT) // 100
+
+    def in_raven(self, price_per_calculation: int, budget: int) -> JobSpec:
+        """This USD-priced spec with its payment converted to RAVEN base units, validated.
+
+        The result is an ordinary RAVEN spec (what a paid job's manifest carries);
+        `JobSpecError` when the budget does not cover `max_cost` at the new price.
+        """
+        if self.currency != "USD":
+            raise ValueError(f"the spec is priced in {self.currency}, not USD: nothing to convert")
+        priced = replace(
+            self, currency="RAVEN", price_per_calculation=price_per_calculation, budget=budget,
+            price_per_calculation_usd=0, budget_usd=0,
+        )
+        return JobSpec.from_dict(priced.to_dict())
 
     def with_model(self, model: ModelSpec) -> JobSpec:
         """This spec with another model, validated like any other spec."""
         return JobSpec.from_dict(replace(self, model=model).to_dict())
 
 
-def parse_amount(field: str, value: object) -> int:
+def parse_amount(field: str, value: object, unit: str = "RAVEN") -> int:
     """RAVEN written as ``"0.001"``, ``0.001`` or ``1``, as integer base units.
 
     Floats go through their shortest decimal form (``str``), so ``0.001`` means
     exactly 0.001. Negative values, more than 18 decimals, non-numbers and more
-    than `MAX_AMOUNT_RAVEN` are refused with `JobSpecError(field, ...)`.
+    than `MAX_AMOUNT_RAVEN` are refused with `JobSpecError(field, ...)`. USD
+    amounts (``unit="USD"``) follow the same rules, in units of 10**-18 USD.
     """
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise JobSpecError(
-            field, f"must be an amount of RAVEN (a decimal string or a number), got {value!r}"
+            field, f"must be an amount of {unit} (a decimal string or a number), got {value!r}"
         )
     if isinstance(value, int):
         if value < 0:
             raise JobSpecError(field, f"must not be negative, got {value!r}")
         if value > MAX_AMOUNT_RAVEN:
-            raise JobSpecError(field, f"must be at most {MAX_AMOUNT_RAVEN} RAVEN, got {value!r}")
+            raise JobSpecError(field, f"must be at most {MAX_AMOUNT_RAVEN} {unit}, got {value!r}")
         return value * RAVEN
     text = value.strip() if isinstance(value, str) else str(value)
     if isinstance(value, str):
@@ -391,7 +423,7 @@ def parse_amount(field: str, value: object) -> int:
             raise JobSpecError(field, f"must not be negative, got {value!r}")
         if not _AMOUNT_PATTERN.fullmatch(text):
             raise JobSpecError(
-                field, f'must be a decimal number of RAVEN such as "0.001", got {value!r}'
+                field, f'must be a decimal number of {unit} such as "0.001", got {value!r}'
             )
     try:
         number = Decimal(text)
@@ -412,10 +444,10 @@ def parse_amount(field: str, value: object) -> int:
     if exponent < -DECIMALS:
         raise JobSpecError(field, f"has more than {DECIMALS} decimals: {value!r}")
     if len(digit_list) + exponent > len(str(MAX_AMOUNT_RAVEN)):
-        raise JobSpecError(field, f"must be at most {MAX_AMOUNT_RAVEN} RAVEN, got {value!r}")
+        raise JobSpecError(field, f"must be at most {MAX_AMOUNT_RAVEN} {unit}, got {value!r}")
     units: int = int("".join(map(str, digit_list))) * 10 ** (DECIMALS + exponent)
     if units > MAX_AMOUNT_RAVEN * RAVEN:
-        raise JobSpecError(field, f"must be at most {MAX_AMOUNT_RAVEN} RAVEN, got {value!r}")
+        raise JobSpecError(field, f"must be at most {MAX_AMOUNT_RAVEN} {unit}, got {value!r}")
     return units
 
 
@@ -487,6 +519,19 @@ def _model_to_dict(model: ModelSpec) -> str | dict[str, Any]:
     if model.chosen is not None:
         data["chosen"] = model.chosen
     return data
+
+
+def _payment_to_dict(spec: JobSpec) -> dict[str, str]:
+    if spec.currency == "USD":
+        return {
+            "currency": "USD",
+            "price_per_calculation": format_amount(spec.price_per_calculation_usd),
+            "budget": format_amount(spec.budget_usd),
+        }
+    return {  # RAVEN, the default: no currency key, so RAVEN specs read as before
+        "price_per_calculation": format_amount(spec.price_per_calculation),
+        "budget": format_amount(spec.budget),
+    }
 
 
 def _dataset_to_dict(dataset: DatasetSpec) -> dict[str, Any]:
@@ -668,23 +713,36 @@ def _parse_job(data: object) -> JobSpec:
     dataset = _parse_dataset(_required(top, "", "dataset"))
     optimizer = _parse_optimizer(_required(top, "", "optimizer"))
     stop = _parse_stop(_required(top, "", "stop"))
-    payment = _table("payment", _required(top, "", "payment"), ("price_per_calculation", "budget"))
+    payment = _table(
+        "payment", _required(top, "", "payment"), ("currency", "price_per_calculation", "budget")
+    )
+    currency = _choice(payment, "payment.", "currency", CURRENCIES, default="RAVEN")
     price = parse_amount(
-        "payment.price_per_calculation", _required(payment, "payment.", "price_per_calculation")
+        "payment.price_per_calculation",
+        _required(payment, "payment.", "price_per_calculation"),
+        currency,
     )
     if price <= 0:
-        raise JobSpecError("payment.price_per_calculation", "must be more than 0 RAVEN, got 0")
-    budget = parse_amount("payment.budget", _required(payment, "payment.", "budget"))
+        raise JobSpecError(
+            "payment.price_per_calculation", f"must be more than 0 {currency}, got 0"
+        )
+    budget = parse_amount("payment.budget", _required(payment, "payment.", "budget"), currency)
+    amounts = (
+        {"price_per_calculation": price, "budget": budget}
+        if currency == "RAVEN"
+        else {"price_per_calculation": 0, "budget": 0, "price_per_calculation_usd": price,
+              "budget_usd": budget}
+    )
     spec = JobSpec(
         name=name,
         model=model,
         dataset=dataset,
         loss=loss,
         optimizer=optimizer,
-        price_per_calculation=price,
-        budget=budget,
         stop=stop,
         calculation=calculation,
+        currency=currency,
+        **amounts,
         **numbers,
     )
     if calculation == "local_steps" and spec.batch_size > spec.samples_per_calculation:
@@ -693,14 +751,14 @@ def _parse_job(data: object) -> JobSpec:
             f"{spec.batch_size} is more than samples_per_calculation "
             f"({spec.samples_per_calculation}): a calculation needs at least one local step",
         )
-    cost = spec.max_cost()
+    cost = spec.max_cost(price)
     if budget < cost:
         raise JobSpecError(
             "payment.budget",
-            f"{format_amount(budget)} RAVEN does not cover the worst case of "
-            f"{format_amount(cost)} RAVEN ({stop.max_rounds} rounds x "
+            f"{format_amount(budget)} {currency} does not cover the worst case of "
+            f"{format_amount(cost)} {currency} ({stop.max_rounds} rounds x "
             f"{spec.calculations_per_round} calculations x {spec.redundancy} workers x "
-            f"{format_amount(price)} RAVEN + {MARGIN_PERCENT}% margin)",
+            f"{format_amount(price)} {currency} + {MARGIN_PERCENT}% margin)",
         )
     return spec
 
@@ -838,6 +896,7 @@ def _parse_stop(value: object) -> StopSpec:
 
 __all__ = [
     "ALLOWED_LAYERS",
+    "CURRENCIES",
     "DATASET_FORMATS",
     "LOSSES",
     "OPTIMIZERS",
