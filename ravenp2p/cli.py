@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--metrics-host", metavar="HOST",
                       help="address the metrics endpoint listens on (default 127.0.0.1: this "
                       "machine only; 0.0.0.0 lets any machine that reaches this one read them)")
+    node.add_argument("--partner", metavar="ADDRESS",
+                      help="website partner that earns 3%% on top of this node's accepted work "
+                      "(set in the stake registry; needs --chain)")
     node.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     node.add_argument("--log-json", action="store_true", help="write logs as JSON lines")
 
@@ -176,6 +179,7 @@ def _node(args: argparse.Namespace) -> int:
         contracts=args.contracts,
         stake=parse_amount("stake", args.stake),
         candidate=args.candidate,
+        partner=args.partner,
         metrics_port=args.metrics_port,
         metrics_host=DEFAULT_HOST if args.metrics_host is None else args.metrics_host,
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import multiaddr
 
+from consensus.abi import checksum_address
 from ravenp2p.node.control import check_socket_path
 from ravenp2p.node.metrics import DEFAULT_HOST as DEFAULT_METRICS_HOST
 from ravenp2p.node.metrics import check_host, check_port
@@ -62,6 +63,8 @@ class NodeConfig:
     """Base units of RAVEN the node keeps staked: topped up from its balance at start."""
     candidate: bool = False
     """Stand as a master candidate for the committee (needs the registry's minimum stake)."""
+    partner: str | None = None
+    """The website partner (an address) that earns 3% on top of this node's accepted work."""
     metrics_port: int | None = None
     """TCP port of the Prometheus metrics endpoint (None: no endpoint; 0: any free port)."""
     metrics_host: str = DEFAULT_METRICS_HOST
@@ -90,8 +93,15 @@ class NodeConfig:
                 raise ConfigError(f"chain: {self.chain_url!r} must be an http(s):// JSON-RPC URL")
             if self.contracts is None:
                 raise ConfigError("contracts: a deployment file is needed with --chain")
-        elif self.contracts is not None or self.stake or self.candidate:
-            raise ConfigError("chain: --contracts, --stake and --candidate need --chain URL")
+        elif self.contracts is not None or self.stake or self.candidate or self.partner:
+            raise ConfigError(
+                "chain: --contracts, --stake, --candidate and --partner need --chain URL"
+            )
+        if self.partner is not None:
+            try:
+                checksum_address(self.partner)
+            except ValueError as exc:
+                raise ConfigError(f"partner: {exc}") from None
         if self.stake < 0:
             raise ConfigError(f"stake: must not be negative, not {self.stake}")
         try:

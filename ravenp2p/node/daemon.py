@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from consensus.abi import checksum_address
 from ravenp2p.chain.base import Chain
 from ravenp2p.identity import NodeIdentity, load_or_create_identity
 from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork
@@ -85,6 +86,11 @@ async def open_chain(config: NodeConfig, identity: NodeIdentity) -> Chain:
         staked = config.stake
     if config.candidate and chain.address not in await chain.candidates():
         await chain.become_candidate()
+    if config.partner is not None:
+        partner = checksum_address(config.partner)
+        if await chain.partner_of(chain.address) != partner:
+            await chain.set_partner(partner)
+        log.info("Website partner %s earns 3%% on top of this node's accepted work", partner)
     log.info("On chain %d as %s: %d base units staked, %d in the wallet%s",
              deployment.chain_id, chain.address, staked, await chain.balance_of(chain.address),
              ", master candidate" if config.candidate else "")

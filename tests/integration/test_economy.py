@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from eth_utils import to_checksum_address
 from integration.money import check_money
 
 from consensus.election import rank_masters
@@ -125,20 +126,24 @@ def test_a_node_daemon_stakes_and_stands_for_master_on_an_external_chain(tmp_pat
         anvil.fund(identity.address, 10**18)
         owner = Web3Chain(anvil.w3, deployment, anvil.funded_secret)
         trio.run(owner.mint, identity.address, 300 * RAVEN)
+        partner = "0x" + "5a" * 20
         args = [*CLI, "node", "--data-dir", str(tmp_path / "node"), "--chain", anvil.url,
-                "--contracts", str(contracts), "--stake", "200", "--candidate", "--master"]
+                "--contracts", str(contracts), "--stake", "200", "--candidate", "--master",
+                "--partner", partner]
         log = tmp_path / "node.log"
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log.open("w"))
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                if identity.address in trio.run(owner.candidates):
+                if (identity.address in trio.run(owner.candidates)
+                        and trio.run(owner.partner_of, identity.address) is not None):
                     break
                 assert process.poll() is None, log.read_text()
                 time.sleep(0.25)
             stake = trio.run(owner.stake_of, identity.address)
             assert stake.active == 200 * RAVEN
             assert identity.address in trio.run(owner.candidates), log.read_text()
+            assert trio.run(owner.partner_of, identity.address) == to_checksum_address(partner)
         finally:
             process.terminate()
             process.wait(timeout=15)
@@ -156,6 +161,15 @@ def test_node_chain_settings_are_checked_with_one_line_errors(tmp_path) -> None:
     contracts = tmp_path / "contracts.json"
     save_deployment(Deployment(31337, "0x" + "11" * 20, "0x" + "22" * 20, "0x" + "33" * 20),
                     contracts)
+    bad_partner = subprocess.run(
+        [*CLI, "node", "--data-dir", str(tmp_path / "p"), "--chain", "http://127.0.0.1:1",
+         "--contracts", str(contracts), "--partner", "0x1234"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert bad_partner.returncode == 2
+    assert bad_partner.stderr.strip().splitlines() == [
+        "ravenp2p: error: partner: not a 0x-prefixed 20-byte hex address: '0x1234'"
+    ]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
