@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ from ravenp2p.roles.escrow import (
     sign_result,
 )
 from ravenp2p.roles.protocol import JOBS_TOPIC, RESULT_PROTOCOL, job_topic
+from ravenp2p.roles.signed_journal import SignedJournal
 from ravenp2p.roles.throttle import TokenBucket, calculation_rate
 from ravenp2p.training.compute import ComputeProfile, ModelRuntime
 from ravenp2p.training.datasets import DatasetError, Split, read_shard
@@ -63,6 +65,7 @@ from ravenp2p.wire.job_messages import (
 log = logging.getLogger("ravenp2p.worker")
 
 DELIVERY_ATTEMPTS = 3
+JOURNAL_FOLDER = "signed"
 
 Tensors = dict[str, np.ndarray]
 ResultTamperer = Callable[[CalculationOrder, Tensors], Tensors]
@@ -123,7 +126,8 @@ class _LRU:
 
 class _JobContext:
     def __init__(
-        self, manifest: JobManifest, master: str, announce: JobAnnounce | None = None
+        self, manifest: JobManifest, master: str, announce: JobAnnounce | None = None,
+        journal: Path | None = None,
     ) -> None:
         self.manifest = manifest
         self.master = master
@@ -133,7 +137,7 @@ class _JobContext:
         )
         """A paid job's ranked masters: who may take it over from whom (None: unpaid)."""
         self.runtime = ModelRuntime(manifest.spec.model, manifest.data, manifest.spec.loss)
-        self.signed: dict[int, tuple[str, bytes]] = {}
+        self.signed = SignedJournal(journal)
         """Calculation -> the digest this worker signed for it and the signature."""
 
 
@@ -200,7 +204,8 @@ class Worker:
                     job_id, providers=[master, announce.requester], size=announce.manifest_size
                 )
             manifest = JobManifest.decode(raw)
-            context = _JobContext(manifest, master, announce)
+            journal = Path(self.node.config.data_dir) / JOURNAL_FOLDER / f"{job_id}.msgpack"
+            context = _JobContext(manifest, master, announce, journal)
             refusal = await self._escrow_refusal(manifest, master)
         except (BlobError, NetworkError, trio.TooSlowError, ManifestError, ValueError) as exc:
             log.warning("Cannot take part in job %s: %s", short(job_id), exc)
@@ -231,6 +236,8 @@ class Worker:
         finally:
             del self._jobs[job_id]
             channel.close()
+        if done is not None:
+            context.signed.discard()
         if done is not None and manifest.chain is not None and done.settle_tx:
             await self._claim(manifest, done)
 
@@ -383,7 +390,7 @@ class Worker:
                 return None
             return signed[1]
         signature = sign_result(self.node.identity, context.manifest, calc, digest)
-        context.signed[calc] = (digest, signature)
+        context.signed.record(calc, digest, signature)
         return signature
 
     async def _equivocate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 
+import msgpack
 import pytest
 
 from consensus.eip712 import Domain, from_eth_signature, result_digest
@@ -118,6 +119,26 @@ def test_a_worker_never_signs_two_digests_for_one_calculation(manifest) -> None:
     assert worker._sign_once(context, 3, DIGEST) == first
     assert worker._sign_once(context, 3, "cd" * 32) is None
     assert worker._sign_once(context, 4, "cd" * 32) is not None
+
+
+def test_a_restarted_worker_still_never_signs_a_second_digest(manifest, tmp_path) -> None:
+    """The journal on disk outlives the process: a re-ordered calculation gets the old answer."""
+    identity = NodeIdentity.generate()
+    worker = Worker.__new__(Worker)
+    worker.node = SimpleNamespace(identity=identity)
+    master = NodeIdentity.generate().peer_id
+    journal = tmp_path / "signed" / "job.msgpack"
+    first = worker._sign_once(_JobContext(manifest, master, journal=journal), 3, DIGEST)
+    restarted = _JobContext(manifest, master, journal=journal)
+    assert worker._sign_once(restarted, 3, "cd" * 32) is None
+    assert worker._sign_once(restarted, 3, DIGEST) == first
+    # A record cut short by a crash is dropped; the records before it are kept.
+    with journal.open("ab") as raw:
+        raw.write(msgpack.packb([4, "cd" * 32, b"\x01" * 65])[:-7])
+    again = _JobContext(manifest, master, journal=journal)
+    assert again.signed.get(3) == (DIGEST, first) and again.signed.get(4) is None
+    again.signed.discard()
+    assert not journal.exists() and again.signed.get(3) is None
 
 
 async def test_a_worker_checks_a_paid_jobs_escrow_and_master_before_working() -> None:
