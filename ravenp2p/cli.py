@@ -43,6 +43,13 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+def _add_chain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chain", metavar="URL",
+                        help="JSON-RPC URL of the Ethereum node holding stakes and job escrows")
+    parser.add_argument("--contracts", type=Path, metavar="FILE",
+                        help="deployment file (chain id and contract addresses) for --chain")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ravenp2p",
@@ -106,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(peers)
     _add_json(peers)
     peers.add_argument("--find", metavar="PEER_ID", help="look one peer up through the DHT instead")
+
+    wallet = commands.add_parser(
+        "wallet", help="show the node's gas, RAVEN, stake, candidacy, partner and earnings"
+    )
+    _add_data_dir(wallet)
+    _add_chain(wallet)
+    wallet.add_argument("--address", metavar="0x...",
+                        help="show this address instead of the node's (reads only: no key needed)")
+    _add_json(wallet)
+    for name, text in (
+        ("stake", "stake RAVEN from the node's wallet"),
+        ("unstake", "start unbonding staked RAVEN (withdraw it once the delay has passed)"),
+        ("withdraw", "move RAVEN whose unbonding delay has passed back into the wallet"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        if name != "withdraw":
+            sub.add_argument("amount", metavar="AMOUNT", help="RAVEN, as a decimal such as 12.5")
+        _add_data_dir(sub)
+        _add_chain(sub)
+        _add_json(sub)
 
     devnet = commands.add_parser(
         "devnet", help="train a model on a local network of real nodes on this machine"
@@ -216,6 +243,42 @@ def _peers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _wallet(args: argparse.Namespace) -> int:
+    from consensus.abi import checksum_address
+    from ravenp2p.wallet import open_wallet, read_wallet
+
+    address = None
+    if args.address is not None:
+        try:
+            address = checksum_address(args.address)
+        except ValueError as exc:
+            raise ValueError(f"address: {exc}") from None
+    chain = open_wallet(args.chain, args.contracts, None if address else args.data_dir)
+    view = trio.run(read_wallet, chain, address or chain.address)
+    if args.json:
+        _print_json(view.to_json())
+    else:
+        print("\n".join(view.lines()))
+    return EXIT_OK
+
+
+def _stake(args: argparse.Namespace) -> int:
+    from ravenp2p import wallet
+
+    amount = None if args.command == "withdraw" else wallet.parse_positive_amount(args.amount)
+    chain = wallet.open_wallet(args.chain, args.contracts, args.data_dir)
+    if amount is None:
+        outcome = trio.run(wallet.withdraw, chain)
+    else:
+        action = wallet.stake if args.command == "stake" else wallet.unstake
+        outcome = trio.run(action, chain, amount)
+    if args.json:
+        _print_json(outcome.to_json())
+    else:
+        print("\n".join(outcome.lines()))
+    return EXIT_OK
+
+
 def _devnet(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -272,7 +335,10 @@ def _devnet(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"keys": _keys, "node": _node, "peers": _peers, "devnet": _devnet}
+_COMMANDS = {
+    "keys": _keys, "node": _node, "peers": _peers, "devnet": _devnet, "wallet": _wallet,
+    "stake": _stake, "unstake": _stake, "withdraw": _stake,
+}
 
 
 def _single_cause(error: BaseException) -> BaseException:

@@ -107,6 +107,29 @@ class StakeInfo:
 
 
 @dataclass(frozen=True)
+class Earnings:
+    """What the job escrow has paid one account, read back from the chain's event logs.
+
+    `claimed` sums the payout leaves the account has claimed (`claims` of them,
+    at most one per job). A leaf pays an address its work as a worker and its
+    fees as a website partner together, so the chain cannot tell the two
+    apart. `master_fees` sums the fees paid to the account, at settlement,
+    for the `settled` jobs it settled as their master (a job settled with no
+    accepted results pays no fee and is not counted).
+    """
+
+    claimed: int
+    claims: int
+    master_fees: int
+    settled: int
+
+    @property
+    def total(self) -> int:
+        """Everything the escrow paid the account for work: claims and master fees."""
+        return self.claimed + self.master_fees
+
+
+@dataclass(frozen=True)
 class RegistryParams:
     """The stake registry's constructor parameters (see docs/economics.md)."""
 
@@ -321,6 +344,10 @@ class Chain(Protocol):
     async def claim(self, job_id: bytes, account: str, amount: int, proof: list[bytes]) -> str: ...
 
     async def has_claimed(self, job_id: bytes, account: str) -> bool: ...
+
+    async def earnings(self, account: str) -> Earnings:
+        """What the escrow has paid `account`: claimed leaves and master fees (see `Earnings`)."""
+        ...
 
     async def refund(self, job_id: bytes) -> str: ...
 

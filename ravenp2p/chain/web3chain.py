@@ -25,6 +25,7 @@ from ravenp2p.chain.artifacts import load_artifact
 from ravenp2p.chain.base import (
     ChainError,
     Deployment,
+    Earnings,
     ElectionTable,
     JobOnChain,
     JobStatusOnChain,
@@ -221,6 +222,12 @@ class Web3Chain:
     async def balance_of(self, account: str) -> int:
         return int(self._view("RavenToken", "balanceOf", _address("account", account)))
 
+    async def eth_balance(self, account: str) -> int:
+        """The account's ether in wei: what it has to pay gas with."""
+        checked = _address("account", account)
+        with chain_errors(self._w3, "chain", "eth_getBalance"):
+            return int(self._w3.eth.get_balance(checked))
+
     async def transfer(self, to: str, amount: int) -> str:
         return await self._tx("RavenToken", "transfer", _address("to", to), _uint("amount", amount))
 
@@ -263,6 +270,19 @@ class Web3Chain:
         """The node's website partner, or None when it has none."""
         partner = str(self._view("StakeRegistry", "partnerOf", _address("node", node)))
         return None if int(partner, 16) == 0 else str(to_checksum_address(partner))
+
+    async def partnered_nodes(self, partner: str) -> list[str]:
+        """The nodes that name `partner` as their website partner now, in order of first naming.
+
+        Found through the registry's `PartnerSet` events since block 0, each
+        checked against the node's current partner.
+        """
+        partner = _address("partner", partner)
+        events = self._contracts["StakeRegistry"].events.PartnerSet
+        with chain_errors(self._w3, "StakeRegistry", "PartnerSet logs"):
+            logs = events.get_logs(argument_filters={"partner": partner}, from_block=0)
+        named = dict.fromkeys(str(to_checksum_address(log["args"]["node"])) for log in logs)
+        return [node for node in named if await self.partner_of(node) == partner]
 
     async def candidates(self) -> list[str]:
         return [str(to_checksum_address(a)) for a in self._view("StakeRegistry", "candidates")]
@@ -518,6 +538,45 @@ class Web3Chain:
                 "JobEscrow", "hasClaimed", _bytes32("job_id", job_id), _address("account", account)
             )
         )
+
+    async def earnings(self, account: str) -> Earnings:
+        """What the escrow has paid `account` (see `Earnings`), from its events since block 0.
+
+        Claims are the escrow's `Claimed` events for the account. Master fees
+        are found through the token's transfers from the escrow to the account:
+        a transfer made by neither a claim nor a refund was made by a
+        settlement, whose `JobSettled` event counts when the account is the
+        job's master (a requester's refund and the treasury's protocol fee are
+        paid by the same transaction).
+        """
+        account = _address("account", account)
+        escrow = self._contracts["JobEscrow"]
+        with chain_errors(self._w3, "JobEscrow", "Claimed logs"):
+            claims = escrow.events.Claimed.get_logs(
+                argument_filters={"account": account}, from_block=0
+            )
+        with chain_errors(self._w3, "JobEscrow", "Refunded logs"):
+            refunds = escrow.events.Refunded.get_logs(
+                argument_filters={"requester": account}, from_block=0
+            )
+        with chain_errors(self._w3, "RavenToken", "Transfer logs"):
+            transfers = self._contracts["RavenToken"].events.Transfer.get_logs(
+                argument_filters={"from": escrow.address, "to": account}, from_block=0
+            )
+        not_settlements = {log["transactionHash"] for log in (*claims, *refunds)}
+        settlements = {log["transactionHash"] for log in transfers} - not_settlements
+        master_fees = settled = 0
+        for tx_hash in sorted(settlements):
+            with chain_errors(self._w3, "JobEscrow", "eth_getTransactionReceipt"):
+                receipt = self._w3.eth.get_transaction_receipt(tx_hash)
+            for event in escrow.events.JobSettled().process_receipt(receipt, errors=DISCARD):
+                if event["address"] != escrow.address:
+                    continue
+                if await self.master_of(bytes(event["args"]["jobId"])) == account:
+                    master_fees += int(event["args"]["masterFee"])
+                    settled += 1
+        claimed = sum(int(log["args"]["amount"]) for log in claims)
+        return Earnings(claimed, len(claims), master_fees, settled)
 
     async def refund(self, job_id: bytes) -> str:
         return await self._tx("JobEscrow", "refund", _bytes32("job_id", job_id))
