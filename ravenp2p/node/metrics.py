@@ -300,6 +300,9 @@ class NodeMetrics:
             counter("ravenp2p_master_results_rejected_total",
                     "Worker results rejected (late, malformed or outvoted), over this master's "
                     "jobs.", sum(status.results_rejected for status in jobs)),
+            counter("ravenp2p_master_takeovers_total",
+                    "Paid jobs this node took over from a silent master.",
+                    master.standby.takeovers),
             latencies.metric("ravenp2p_master_calculation_latency_seconds",
                              "Seconds from ordering a calculation to accepting it."),
         ]

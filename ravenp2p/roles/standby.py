@@ -77,6 +77,7 @@ class Standby:
         self.node = master.node
         self.watches: dict[str, _Watch] = {}
         self.takeovers = 0
+        """Jobs this node took over (exported as a metric)."""
         self._starting: set[str] = set()
         self._nursery: trio.Nursery | None = None
 

@@ -38,6 +38,7 @@ from ravenp2p.devnet import (
 )
 from ravenp2p.identity import load_identity
 from ravenp2p.network.libp2p import Libp2pNetwork
+from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.node import Node
 from ravenp2p.roles.escrow import job_key
 from ravenp2p.roles.master import Master
@@ -182,50 +183,60 @@ async def test_a_master_cut_off_the_network_is_replaced_and_its_later_records_re
     check_money(report)
 
 
+@pytest.mark.skipif(anvil_path() is None, reason="anvil is not installed (run `make install`)")
 async def test_a_replaced_master_that_comes_back_steps_down_and_is_ignored() -> None:
-    async with start_devnet(3, masters=2, economy=True) as net:
-        handle = await funded_job(net)
-        job_id = handle.job_id
-        killed, _ = await kill_at(net, handle, 1)
-        old = net.master_named(killed)
-        await wait_for_failover(handle)
-        # It comes back: the same key, data dir and chain account, through the requester.
-        config = dataclasses.replace(
-            old.node.config, bootstrap=tuple(net.requester.node.network.listen_addrs[:1])
-        )
-        identity = old.node.identity
-        node = Node(Libp2pNetwork(identity, config.listen), identity, config, chain=old.node.chain)
-        master = Master(node, old.config)
-        node.add_role(master.run)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
-            # It resumes the job from its checkpoint, reads that the escrow names another
-            # master, and steps down without a word on the job's topic.
-            with trio.fail_after(60):
-                for _poll in itertools.count():
-                    if job_id in master.jobs and master.jobs[job_id].done.is_set():
-                        break
-                    await trio.sleep(0.2)
-            assert master.jobs[job_id].state == "replaced"
-            # Whatever it still says about the job is rejected: a round record of its own ...
-            topic = job_topic(job_id)
-            await node.topics.subscribe(topic)
-            with trio.fail_after(30):
-                await node.reach(net.requester.node.peer_id)
-            before = handle.stale_messages
-            last = handle.rounds[-1]
-            forged = dataclasses.replace(last, round=last.round + 1, accepted=())
-            await node.topics.publish(topic, forged)
-            with trio.fail_after(60):
-                for _poll in itertools.count():
-                    if handle.stale_messages > before:
-                        break
-                    await trio.sleep(0.2)
-            # ... and its settlement: the escrow refuses it.
-            assert old.node.chain is not None
-            with pytest.raises(ContractReverted, match="NotJobMaster"):
-                await old.node.chain.settle(job_key(job_id), b"\x01" * 32, 0, 0)
-            node.stop()
-        result = await handle.wait(JOB_TIMEOUT)
-    assert forged not in handle.rounds
+    with Anvil() as anvil:
+        async with start_devnet(3, masters=2, economy=True, chain_backend=anvil,
+                                master_processes=(Placement(), Placement())) as net:
+            assert net.economy is not None
+            handle = await funded_job(net)
+            killed, _ = await kill_at(net, handle, 1)
+            await wait_for_failover(handle)
+            # It comes back: the same key, data dir and chain account, through the requester.
+            data_dir = next(p.log_path.parent for p in net.master_processes
+                            if p.peer_id == killed)
+            identity = load_identity(data_dir)
+            chain = Web3Chain(anvil.w3, net.economy.deployment, identity.private_key.secret)
+            config = NodeConfig(data_dir=data_dir, control=False,
+                                bootstrap=tuple(net.requester.node.network.listen_addrs[:1]))
+            node = Node(Libp2pNetwork(identity, config.listen), identity, config, chain=chain)
+            await comes_back(net, handle, node)
+            result = await handle.wait(JOB_TIMEOUT)
     check_no_work_lost_or_paid_twice(handle, result)
+
+
+async def comes_back(net: Devnet, handle: JobHandle, node: Node) -> None:
+    """The replaced master's node runs again: it steps down, and what it says is rejected."""
+    job_id = handle.job_id
+    master = Master(node)
+    node.add_role(master.run)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        # It resumes the job from its checkpoint, reads that the escrow names another
+        # master, and steps down without a word on the job's topic.
+        with trio.fail_after(60):
+            for _poll in itertools.count():
+                if job_id in master.jobs and master.jobs[job_id].done.is_set():
+                    break
+                await trio.sleep(0.2)
+        assert master.jobs[job_id].state == "replaced"
+        # Whatever it still says about the job is rejected: a round record of its own ...
+        topic = job_topic(job_id)
+        await node.topics.subscribe(topic)
+        with trio.fail_after(30):
+            await node.reach(net.requester.node.peer_id)
+        before = handle.stale_messages
+        last = handle.rounds[-1]
+        forged = dataclasses.replace(last, round=last.round + 1, accepted=())
+        await node.topics.publish(topic, forged)
+        with trio.fail_after(60):
+            for _poll in itertools.count():
+                if handle.stale_messages > before:
+                    break
+                await trio.sleep(0.2)
+        # ... and its settlement: the escrow refuses it.
+        assert node.chain is not None
+        with pytest.raises(ContractReverted, match="NotJobMaster"):
+            await node.chain.settle(job_key(job_id), b"\x01" * 32, 0, 0)
+        node.stop()
+    assert forged not in handle.rounds

@@ -260,6 +260,7 @@ def test_node_metrics_follow_the_roles_the_node_runs(tmp_path):
     }
     master.calculation_timings.append(
         CalculationTiming(calc=0, opened_at=0.0, latency_s=0.3, accepted=True))
+    master.standby.takeovers = 2
 
     plain = parse_exposition(render(NodeMetrics(node).collect()))
     assert not [name for name in plain if "worker" in name or "master" in name]
@@ -274,6 +275,7 @@ def test_node_metrics_follow_the_roles_the_node_runs(tmp_path):
     assert value_of(full, "ravenp2p_worker_earned_base_units_total") == 3e18
     assert value_of(full, "ravenp2p_master_calculations_accepted_total") == 13
     assert value_of(full, "ravenp2p_master_results_rejected_total") == 3
+    assert value_of(full, "ravenp2p_master_takeovers_total") == 2
     by_state = {s[1]["state"]: s[2] for s in full["ravenp2p_master_jobs"]["samples"]}
     assert by_state == {state: 0 for state in JOB_STATES} | {"running": 1, "done": 2}
     assert value_of(full, "ravenp2p_master_calculation_latency_seconds_count") == 1
