@@ -320,7 +320,6 @@ class Master:
         self.committee = committee or (CommitteeView(node.chain) if node.chain else None)
         self.standby = Standby(self)
         self.slash_desk = SlashDesk(node) if node.chain is not None else None
-        self.checkpoint_name = CHECKPOINT_FILE
         self._nursery: trio.Nursery | None = None
 
     @property

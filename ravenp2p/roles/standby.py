@@ -32,7 +32,7 @@ from ravenp2p.chain.base import ChainError, ContractReverted
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.network.base import NetworkError
 from ravenp2p.node.node import short
-from ravenp2p.roles.checkpoint import checkpoint_problem
+from ravenp2p.roles.checkpoint import CHECKPOINT_FILE, checkpoint_problem
 from ravenp2p.roles.escrow import confirmed_master, job_key, peer_address
 from ravenp2p.roles.protocol import JOBS_TOPIC, REPLICA_PROTOCOL, job_topic
 from ravenp2p.training.manifest import JobManifest, ManifestError
@@ -313,7 +313,7 @@ class Standby:
         view.take_over(chain.address, trio.current_time())
         replica = self.replica_path(job_id)
         if replica.exists():
-            os.replace(replica, replica.with_name(self.master.checkpoint_name))
+            os.replace(replica, replica.with_name(CHECKPOINT_FILE))
         else:
             log.warning("Took job %s over without a replica: it restarts from its initial "
                         "weights", short(job_id))
