@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +41,10 @@ from ravenp2p.chain.deploy import deploy_contracts, save_deployment
 from ravenp2p.chain.devchain import DevChain, EmbeddedChain
 from ravenp2p.chain.pricing import current_quote, price_in_raven
 from ravenp2p.chain.web3chain import Web3Chain
-from ravenp2p.identity import NodeIdentity, create_identity
+from ravenp2p.identity import NodeIdentity, create_identity, load_or_create_identity
 from ravenp2p.network.libp2p import Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
+from ravenp2p.node.daemon import RESULTS_FOLDER, data_dir_lock
 from ravenp2p.node.node import Node
 from ravenp2p.roles.escrow import job_key, payout_plan, peer_address
 from ravenp2p.roles.faults import ByzantineResults, FaultPool
@@ -284,6 +285,7 @@ async def start_devnet(
     master_processes: tuple[Placement, ...] = (),
     listen_host: str = "127.0.0.1",
     equivocators: int = 0,
+    requester_dir: Path | None = None,
 ) -> AsyncIterator[Devnet]:
     """Start masters, a requester and `workers` workers; stop them all on exit.
 
@@ -301,6 +303,11 @@ async def start_devnet(
     which `Devnet.kill_master` SIGKILLs. In-process nodes listen on
     `listen_host`. The first `equivocators` honest in-process workers also
     sign a second, different result for each calculation (slashable).
+
+    With `requester_dir`, the requester keeps its key there, serves its
+    control socket there (so `ravenp2p.Client(requester_dir)` and `ravenp2p
+    submit --data-dir requester_dir` can submit jobs to the devnet) and saves
+    the results of its jobs in its `results` folder.
     """
     if workers < 1:
         raise ValueError("a devnet needs at least 1 worker")
@@ -318,17 +325,21 @@ async def start_devnet(
     faulty = set(rng.sample(range(workers - worker_processes), byzantine))
     pool = FaultPool()
     money = await _open_economy(chain_backend) if economy else None
-    with tempfile.TemporaryDirectory(prefix="ravenp2p-devnet-") as tmp:
+    lock = data_dir_lock(requester_dir) if requester_dir is not None else nullcontext()
+    with tempfile.TemporaryDirectory(prefix="ravenp2p-devnet-") as tmp, lock:
         async with trio.open_nursery() as nursery:
             nodes: list[Node] = []
 
-            async def make_node(name: str, consent: bool, stake: int = 0) -> Node:
-                data_dir = Path(tmp) / name
-                identity = create_identity(data_dir)
+            async def make_node(
+                name: str, consent: bool, stake: int = 0, data_dir: Path | None = None
+            ) -> Node:
+                control = data_dir is not None
+                data_dir = data_dir or Path(tmp) / name
+                identity, _ = load_or_create_identity(data_dir)
                 bootstrap = tuple(nodes[0].network.listen_addrs[:1]) if nodes else ()
                 config = NodeConfig(
                     data_dir=data_dir, bootstrap=bootstrap, share=share if consent else 0,
-                    consent=consent, control=False, announce_interval_s=5.0,
+                    consent=consent, control=control, announce_interval_s=5.0,
                     peer_expiry_s=30.0, listen=(f"/ip4/{listen_host}/tcp/0",),
                 )
                 chain = await money.account(identity, stake) if money else None
@@ -357,8 +368,12 @@ async def start_devnet(
                 await nursery.start(run_killable, master_node)
                 nodes.append(master_node)
                 master_roles.append(master)
-            requester_node = await make_node("requester", consent=False)
-            requester = Requester(requester_node)
+            requester_node = await make_node("requester", consent=False,
+                                             data_dir=requester_dir)
+            requester = Requester(
+                requester_node,
+                results_dir=requester_dir / RESULTS_FOLDER if requester_dir else None,
+            )
             requester_node.add_role(requester.run)
             await start(requester_node)
             net = Devnet(masters=master_roles, requester=requester, workers=[], nodes=nodes,
@@ -533,11 +548,13 @@ async def run_devnet(
     economy: bool = True,
     chain_backend: DevChain | None = None,
     kill_master_at: int | None = None,
+    watch: Callable[[JobHandle], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """Start a devnet, train `spec` (default: digits) to completion, return the report.
 
     With `kill_master_at`, the job's master is killed when round `kill_master_at`
-    is recorded and the report gains `failovers`.
+    is recorded and the report gains `failovers`. `watch` is started with the
+    job's handle once it is submitted (a progress display) and cancelled at its end.
     """
     spec = spec or devnet_spec()
     if kill_master_at is not None:
@@ -566,6 +583,8 @@ async def run_devnet(
             async with trio.open_nursery() as nursery:
                 if kill_master_at is not None:
                     nursery.start_soon(kill_master_at_round, net, handle, kill_master_at, killed)
+                if watch is not None:
+                    nursery.start_soon(watch, handle)
                 result = await handle.wait(timeout)
                 nursery.cancel_scope.cancel()
         except trio.TooSlowError:
@@ -610,3 +629,44 @@ def failover_report(handle: JobHandle, killed: list[tuple[str, float]]) -> list[
             "seconds_to_resume": round(failover.at - since, 3),
         })
     return rows
+
+
+SERVE_FUNDS = 1_000 * RAVEN
+"""RAVEN minted to the requester of a devnet that serves clients: its jobs' budgets."""
+
+
+async def serve_devnet(
+    workers: int,
+    byzantine: int,
+    requester_dir: Path,
+    *,
+    masters: int = 2,
+    seed: int = 0,
+    ready: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Keep a paid devnet up for clients until cancelled (SIGINT or SIGTERM in the CLI).
+
+    The requester's node serves its control socket in `requester_dir` with
+    `SERVE_FUNDS` RAVEN to spend; `ready` is called once with what a client
+    needs (data dir, bootstrap address, chain id, peers).
+    """
+    async with start_devnet(
+        workers, byzantine, seed=seed, masters=masters, economy=True,
+        requester_dir=requester_dir, timeout=120.0,
+    ) as net:
+        assert net.economy is not None
+        requester = net.requester.node
+        await net.economy.owner.mint(requester.identity.address, SERVE_FUNDS)
+        info = {
+            "data_dir": str(requester_dir),
+            "requester": requester.peer_id,
+            "bootstrap": net.nodes[0].network.listen_addrs[0],
+            "chain_id": net.economy.deployment.chain_id,
+            "masters": net.master_ids,
+            "workers": [worker.node.peer_id for worker in net.workers],
+            "byzantine": sorted(net.byzantine),
+            "funds": SERVE_FUNDS,
+        }
+        if ready is not None:
+            ready(info)
+        await trio.sleep_forever()

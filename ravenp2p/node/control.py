@@ -4,7 +4,9 @@ The socket file is created with mode 0600 inside a 0700 data dir, and every
 connection's peer credentials are checked against the daemon's uid, so no other
 local user can query or steer the node. One JSON object per line in each
 direction: `{"op": "peers"}` -> `{"ok": true, "result": ...}` or
-`{"ok": false, "error": "..."}`.
+`{"ok": false, "error": "..."}`. Each operation is a `ControlOp`: the node
+registers its own (peers, status, find_peer) and its roles add theirs (the
+requester's submit, jobs, job, cancel).
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
 SOCKET_NAME = "control.sock"
-MAX_LINE_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 256 * 1024
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 REQUEST_TIMEOUT_S = 5.0
 HANDLER_TIMEOUT_S = 30.0
 _UNIX_PATH_MAX = 107
@@ -31,8 +35,24 @@ log = logging.getLogger("ravenp2p.control")
 ControlHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class ControlOp:
+    """One operation of the control endpoint: what answers it, and how long it may take."""
+
+    handler: ControlHandler
+    timeout_s: float = HANDLER_TIMEOUT_S
+
+
 class ControlError(Exception):
-    """The control endpoint could not be reached or refused the request."""
+    """The control endpoint could not be reached, or did not answer."""
+
+
+class RequestRefused(Exception):
+    """The node answered, refusing the request: `invalid` (bad request) or it `failed`."""
+
+    def __init__(self, message: str, kind: str = "failed") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def socket_path(data_dir: Path) -> Path:
@@ -57,7 +77,7 @@ def _peer_uid(sock: trio.socket.SocketType) -> int:
 
 async def serve_control(
     data_dir: Path,
-    handler: ControlHandler,
+    ops: Mapping[str, ControlOp],
     *,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -80,13 +100,13 @@ async def serve_control(
             task_status.started(path)
             while True:
                 stream = await listener.accept()
-                nursery.start_soon(_serve_one, stream, handler)
+                nursery.start_soon(_serve_one, stream, ops)
     finally:
         path.unlink(missing_ok=True)
         await listener.aclose()
 
 
-async def _serve_one(stream: trio.SocketStream, handler: ControlHandler) -> None:
+async def _serve_one(stream: trio.SocketStream, ops: Mapping[str, ControlOp]) -> None:
     async with stream:
         if _peer_uid(stream.socket) != os.getuid():
             log.warning("Refused a control connection from another user")
@@ -94,39 +114,47 @@ async def _serve_one(stream: trio.SocketStream, handler: ControlHandler) -> None
         reply: dict[str, Any]
         try:
             with trio.fail_after(REQUEST_TIMEOUT_S):
-                line = await _read_line(stream)
+                line = await _read_line(stream, MAX_REQUEST_BYTES)
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 raise ValueError('a request is a JSON object with an "op" string')
-            with trio.fail_after(HANDLER_TIMEOUT_S):
-                reply = {"ok": True, "result": await handler(request)}
+            op = ops.get(request["op"])
+            if op is None:
+                raise ValueError(f"unknown control operation {request['op']!r}")
+            with trio.fail_after(op.timeout_s):
+                reply = {"ok": True, "result": await op.handler(request)}
         except trio.TooSlowError:
-            reply = {"ok": False, "error": "request timed out"}
+            reply = {"ok": False, "error": "request timed out", "kind": "failed"}
+        except RequestRefused as exc:
+            reply = {"ok": False, "error": str(exc), "kind": exc.kind}
         except (ValueError, KeyError) as exc:
-            reply = {"ok": False, "error": str(exc)}
+            reply = {"ok": False, "error": str(exc).strip("'\""), "kind": "invalid"}
         except Exception as exc:  # a control request must never take the node down
             log.warning("Control request failed: %s: %s", type(exc).__name__, exc)
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "kind": "failed"}
         with trio.move_on_after(REQUEST_TIMEOUT_S):
             await stream.send_all(json.dumps(reply).encode() + b"\n")
 
 
-async def _read_line(stream: trio.SocketStream) -> bytes:
+async def _read_line(stream: trio.SocketStream, limit: int) -> bytes:
     buffer = bytearray()
     while b"\n" not in buffer:
-        chunk = await stream.receive_some(4096)
+        chunk = await stream.receive_some(65536)
         if not chunk:
             break
         buffer += chunk
-        if len(buffer) > MAX_LINE_BYTES:
-            raise ValueError(f"request longer than {MAX_LINE_BYTES} bytes")
+        if len(buffer) > limit:
+            raise ValueError(f"line longer than {limit} bytes")
     return bytes(buffer.split(b"\n", 1)[0])
 
 
 async def control_request(
     data_dir: Path, request: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S
 ) -> Any:
-    """Send one request to the daemon running on `data_dir` and return its result."""
+    """Send one request to the daemon running on `data_dir` and return its result.
+
+    Raises `ControlError` when no node answers, `RequestRefused` when it refuses.
+    """
     check_socket_path(data_dir)
     path = socket_path(data_dir)
     if not path.exists():
@@ -136,14 +164,17 @@ async def control_request(
             stream = await trio.open_unix_socket(os.fspath(path))
             async with stream:
                 await stream.send_all(json.dumps(request).encode() + b"\n")
-                line = await _read_line(stream)
+                line = await _read_line(stream, MAX_REPLY_BYTES)
     except trio.TooSlowError:
         raise ControlError(f"the node on {data_dir} did not answer within {timeout} s") from None
     except OSError as exc:
         raise ControlError(f"cannot reach the node on {data_dir}: {exc.strerror or exc}") from None
+    except trio.BrokenResourceError:
+        raise ControlError(f"the node on {data_dir} closed the connection (did it stop?)") from None
     if not line:
         raise ControlError(f"the node on {data_dir} closed the connection without answering")
     reply = json.loads(line)
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "request refused")))
+        kind = "invalid" if reply.get("kind") == "invalid" else "failed"
+        raise RequestRefused(str(reply.get("error", "request refused")), kind)
     return reply.get("result")

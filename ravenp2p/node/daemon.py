@@ -21,6 +21,7 @@ from ravenp2p.node.metrics import NodeMetrics, is_loopback, metrics_url, serve_m
 from ravenp2p.node.node import Node
 from ravenp2p.roles.committee import CommitteeView
 from ravenp2p.roles.master import Master
+from ravenp2p.roles.requester import Requester
 from ravenp2p.roles.worker import Worker, WorkerConfig
 
 log = logging.getLogger("ravenp2p.node")
@@ -102,6 +103,8 @@ class DataDirBusy(RuntimeError):
 
 
 LOCK_FILE_NAME = "node.lock"
+RESULTS_FOLDER = "results"
+"""Where a node saves the results of the jobs it submitted (`<job id>/model.safetensors`)."""
 
 
 @contextlib.contextmanager
@@ -140,6 +143,8 @@ async def _run_locked(config: NodeConfig) -> None:
     master = Master(node, committee=committee) if config.master or config.candidate else None
     if master is not None:
         node.add_role(master.run)
+    requester = Requester(node, results_dir=config.data_dir / RESULTS_FOLDER)
+    node.add_role(requester.run)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, node, nursery.cancel_scope, config.shutdown_timeout_s)
         if config.metrics_port is not None:

@@ -27,7 +27,7 @@ from ravenp2p.data.store import BlobStore
 from ravenp2p.identity import NodeIdentity, address_of, public_key_of_peer
 from ravenp2p.network.base import Network, NetworkError, PeerInfo, PeerUnreachable
 from ravenp2p.node.config import NodeConfig
-from ravenp2p.node.control import serve_control
+from ravenp2p.node.control import HANDLER_TIMEOUT_S, ControlHandler, ControlOp, serve_control
 from ravenp2p.topics import ReliableTopics, TopicConfig
 from ravenp2p.wire import CapabilityRecord, EnvelopeCodec, WireError
 
@@ -106,6 +106,11 @@ class Node:
         self._stop = trio.Event()
         self._started_at = 0.0
         self._roles: list[Role] = []
+        self._control_ops: dict[str, ControlOp] = {
+            "peers": ControlOp(self._control_peers),
+            "status": ControlOp(self._control_status),
+            "find_peer": ControlOp(self._control_find_peer),
+        }
         self.store = BlobStore(Path(config.data_dir) / BLOB_FOLDER, max_bytes=config.max_blob_bytes)
         self.blobs = BlobService(network, self.store)
 
@@ -143,6 +148,14 @@ class Node:
         """
         self._roles.append(role)
 
+    def add_control_op(
+        self, name: str, handler: ControlHandler, timeout_s: float = HANDLER_TIMEOUT_S
+    ) -> None:
+        """Answer the control request `{"op": name, ...}` with `handler` (a role's, say)."""
+        if name in self._control_ops:
+            raise ValueError(f"control operation {name!r} is already registered")
+        self._control_ops[name] = ControlOp(handler, timeout_s)
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
@@ -169,13 +182,13 @@ class Node:
                 await nursery.start(self.topics.run)
                 peers = await self.topics.subscribe(PEERS_TOPIC)
                 nursery.start_soon(self._read_peer_announcements, peers)
-                if self.config.control:
-                    await nursery.start(serve_control, self.config.data_dir, self._control)
                 nursery.start_soon(self._join)
                 nursery.start_soon(self._announce_loop)
                 nursery.start_soon(self._expire_loop)
                 for role in self._roles:
                     await nursery.start(role)
+                if self.config.control:  # last: every operation a role added can be served
+                    await nursery.start(serve_control, self.config.data_dir, self._control_ops)
                 task_status.started(self)
                 await self._stop.wait()
                 connected = len(self.network.connected_peers())
@@ -365,27 +378,27 @@ class Node:
         self._open_capability(key, value)
 
     # --- control endpoint -------------------------------------------------------------
-    async def _control(self, request: dict[str, Any]) -> Any:
-        op = request["op"]
-        if op == "peers":
-            return self.peers()
-        if op == "status":
-            return {
-                "peer_id": self.peer_id,
-                "address": self.identity.address,
-                "listen_addrs": self.network.listen_addrs,
-                "connected_peers": len(self.network.connected_peers()),
-                "known_peers": len(self.directory),
-                "uptime_s": round(self.clock.now() - self._started_at, 1),
-                "version": __version__,
-            }
-        if op == "find_peer":
-            peer_id = request.get("peer_id")
-            if not isinstance(peer_id, str):
-                raise ValueError('find_peer needs a "peer_id" string')
-            info = await self.find_peer(peer_id)
-            return None if info is None else {"peer_id": info.peer_id, "addrs": list(info.addrs)}
-        raise ValueError(f"unknown control operation {op!r}")
+    async def _control_peers(self, request: dict[str, Any]) -> Any:
+        return self.peers()
+
+    async def _control_status(self, request: dict[str, Any]) -> Any:
+        return {
+            "peer_id": self.peer_id,
+            "address": self.identity.address,
+            "listen_addrs": self.network.listen_addrs,
+            "connected_peers": len(self.network.connected_peers()),
+            "known_peers": len(self.directory),
+            "uptime_s": round(self.clock.now() - self._started_at, 1),
+            "version": __version__,
+            "chain_id": None if self.chain is None else self.chain.deployment.chain_id,
+        }
+
+    async def _control_find_peer(self, request: dict[str, Any]) -> Any:
+        peer_id = request.get("peer_id")
+        if not isinstance(peer_id, str):
+            raise ValueError('find_peer needs a "peer_id" string')
+        info = await self.find_peer(peer_id)
+        return None if info is None else {"peer_id": info.peer_id, "addrs": list(info.addrs)}
 
     # --- state kept across restarts -------------------------------------------------
     def _peer_cache_path(self) -> Path:

@@ -78,6 +78,7 @@ from ravenp2p.wire.job_messages import (
     CalculationOrder,
     Evaluation,
     JobAnnounce,
+    JobCancel,
     JobDone,
     JobReceipt,
     JobSubmit,
@@ -223,6 +224,8 @@ class _JobRun:
         self.rejected = 0
         self.accepted_total = 0
         self.target_round: tuple[int, str] | None = None
+        self.cancelled = ""
+        """The requester's reason, once it cancelled the job ("" until then)."""
         self.losses: dict[int, float] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self.optimizer_digest: str | None = None
@@ -678,10 +681,13 @@ class Master:
                 target_round, weights = run.target_round
                 run.weights_digest = weights
                 return f"target reached at round {target_round}"
+            if run.cancelled:
+                return f"cancelled by the requester after {run.round} rounds ({run.cancelled})"
             if run.round >= spec.stop.max_rounds:
                 return f"max_rounds ({spec.stop.max_rounds}) done"
             await self._wait_for_workers(run)
-            await self._run_round(run)
+            if not run.cancelled:
+                await self._run_round(run)
 
     def _candidates(self, run: _JobRun) -> dict[str, Candidate]:
         """Consenting workers that lend a share, with their outstanding assignments."""
@@ -706,7 +712,7 @@ class Master:
             return
         log.info("Job %s waits for %d eligible workers", short(run.job_id), needed)
         with trio.move_on_after(self.config.worker_wait_s):
-            while len(self._candidates(run)) < needed:
+            while len(self._candidates(run)) < needed and not run.cancelled:
                 # A new peer, or a re-check of connections and consent twice a second.
                 with trio.move_on_after(0.5):
                     await self.node.wait_for_peers(len(self.node.directory) + 1)
@@ -1080,6 +1086,15 @@ class Master:
             message = envelope.message
             if isinstance(message, MasterTakeover) and message.job == run.job_id:
                 await self._check_takeover(run, envelope.sender, message)
+                continue
+            if isinstance(message, JobCancel) and message.job == run.job_id:
+                if envelope.sender != run.manifest.requester:
+                    log.warning("Ignored a cancellation of job %s not signed by its requester",
+                                short(run.job_id))
+                elif not run.cancelled:
+                    run.cancelled = message.reason or "no reason given"
+                    log.info("Job %s cancelled by its requester: %s; ending after round %d",
+                             short(run.job_id), run.cancelled, run.round)
                 continue
             if not isinstance(message, Evaluation) or message.job != run.job_id:
                 continue

@@ -14,9 +14,12 @@ evaluations, which is how the master learns that a target was reached.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,7 @@ import trio
 
 from consensus.election import rank_masters
 from consensus.mastership import Mastership, Verdict
+from consensus.settlement import MARGIN_PERCENT
 from ravenp2p.chain.base import ChainError, Deployment
 from ravenp2p.chain.pricing import (
     MAX_PRICE_AGE_S,
@@ -35,6 +39,7 @@ from ravenp2p.chain.pricing import (
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.data.store import chunk_digests
 from ravenp2p.network.base import NetworkError
+from ravenp2p.node.control import RequestRefused
 from ravenp2p.node.node import Node, short
 from ravenp2p.roles.committee import CommitteeView
 from ravenp2p.roles.escrow import confirmed_master, job_key, max_calculations, peer_address
@@ -43,12 +48,14 @@ from ravenp2p.training.compute import Evaluation as Score
 from ravenp2p.training.compute import ModelRuntime
 from ravenp2p.training.datasets import DataInfo, Split, cut_shards, load_dataset
 from ravenp2p.training.manifest import JobManifest, ShardRef
+from ravenp2p.training.model_file import save_model
 from ravenp2p.training.selector import resolve_model
-from ravenp2p.training.spec import JobSpec, format_amount
+from ravenp2p.training.spec import JobSpec, JobSpecError, format_amount
 from ravenp2p.training.tensors import decode_tensors, digest_of, encode_tensors
 from ravenp2p.wire import WireError
 from ravenp2p.wire.job_messages import (
     Evaluation,
+    JobCancel,
     JobDone,
     JobReceipt,
     JobSubmit,
@@ -63,6 +70,13 @@ ESCROW_DEADLINE_S = 24 * 3600
 """Default time a master has to settle a paid job before the requester may take its deposit back."""
 ROUND_RECORD_GRACE_S = 15.0
 """How long the requester waits, after the end of a job, for round records gossip missed."""
+SUBMIT_TIMEOUT_S = 600.0
+"""How long a submission through the control endpoint may take (data, shards, deposit, master)."""
+MODEL_FILE = "model.safetensors"
+STATUS_FILE = "status.json"
+JOB_STATES = ("running", "cancelling", "done", "cancelled", "failed", "lost")
+"""A job's states: ended jobs are done, cancelled or failed; `lost` is a job this node
+stopped following when it stopped (its master may still have finished it)."""
 
 
 class JobRefused(RuntimeError):
@@ -124,10 +138,77 @@ class JobHandle:
     """Rounds whose record a later master replaced with a different one (work done again)."""
     progress: trio.Event = field(default_factory=trio.Event)
     """Set, and replaced by a fresh event, whenever a round record or a takeover arrives."""
+    cancel_reason: str = ""
+    """Why the requester cancelled the job ("" unless it did)."""
+    model_file: Path | None = None
+    """Where the final weights were saved, once the job ended (with a results folder)."""
 
     @property
     def job_id(self) -> str:
         return self.manifest.job_id
+
+    @property
+    def state(self) -> str:
+        """One of `JOB_STATES`."""
+        if self.result is None:
+            return "cancelling" if self.cancel_reason else "running"
+        reason = self.result.done.reason
+        if reason.startswith("failed"):
+            return "failed"
+        return "cancelled" if reason.startswith("cancelled") else "done"
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """What a person or a script wants to know of the job, as plain JSON data.
+
+        Amounts are decimal strings of RAVEN; `spent` is what the accepted work
+        costs so far with the 10% margin (None for an unpaid job).
+        """
+        spec = self.manifest.spec
+        result = self.result
+        elapsed = (result.seconds if result is not None
+                   else (trio.current_time() if now is None else now) - self.submitted_at)
+        accepted = sum(len(record.accepted) for record in self.rounds)
+        paid = sum(min(len(a.workers), spec.redundancy)
+                   for record in self.rounds for a in record.accepted)
+        latest = self.evaluations[-1] if self.evaluations else None
+        accuracy = latest["accuracy"] if latest else None
+        loss = latest["loss"] if latest else None
+        evaluated = latest["round"] if latest else None
+        if result is not None:
+            accepted = result.done.calculations_accepted
+            paid = sum(credit.accepted for credit in result.done.credits)
+            if result.evaluation.samples:  # the final weights' own score
+                accuracy, loss = result.evaluation.accuracy, result.evaluation.loss
+                evaluated = next((row["round"] for row in self.evaluations
+                                  if row["weights"] == result.done.weights),
+                                 result.done.rounds - 1)
+        cost = paid * spec.price_per_calculation
+        return {
+            "job_id": self.job_id,
+            "name": spec.name,
+            "model": spec.model.chosen or "custom",
+            "state": self.state,
+            "master": self.master,
+            "round": max((r.round + 1 for r in self.rounds), default=0)
+            if result is None else result.done.rounds,
+            "max_rounds": spec.stop.max_rounds,
+            "accuracy": accuracy,
+            "loss": None if loss is None or not np.isfinite(loss) else loss,
+            "evaluated_round": evaluated,
+            "calculations_accepted": accepted,
+            "results_paid": paid,
+            "results_rejected": None if result is None else result.done.results_rejected,
+            "verified_per_s": round(accepted / elapsed, 3) if elapsed > 0 else 0.0,
+            "paid": self.manifest.chain is not None,
+            "spent": (format_amount(cost + cost * MARGIN_PERCENT // 100)
+                      if self.manifest.chain is not None else None),
+            "budget": format_amount(spec.budget),
+            "elapsed_s": round(elapsed, 3),
+            "failovers": len(self.failovers),
+            "reason": "" if result is None else result.done.reason,
+            "settle_tx": "" if result is None else result.done.settle_tx,
+            "model_file": None if self.model_file is None else str(self.model_file),
+        }
 
     async def wait(self, timeout: float) -> JobResult:
         """The job's result, once its master declares it done (TooSlowError after `timeout`)."""
@@ -186,12 +267,24 @@ def prepare_job(
 
 
 class Requester:
-    """Submits jobs from this node and follows them; start `run` in a nursery first."""
+    """Submits jobs from this node and follows them; start `run` in a nursery first.
 
-    def __init__(self, node: Node) -> None:
+    With `results_dir`, every job's final weights are saved there as a model
+    file (`<job id>/model.safetensors`) with its last status beside it, so a
+    result outlives the node. The requester answers the control endpoint's
+    `submit`, `jobs`, `job` and `cancel` operations (what `ravenp2p.Client`
+    and `ravenp2p submit|jobs|status|cancel` use).
+    """
+
+    def __init__(self, node: Node, results_dir: Path | None = None) -> None:
         self.node = node
         self.jobs: dict[str, JobHandle] = {}
+        self.results_dir = results_dir
         self._nursery: trio.Nursery | None = None
+        node.add_control_op("submit", self._control_submit, SUBMIT_TIMEOUT_S)
+        node.add_control_op("jobs", self._control_jobs)
+        node.add_control_op("job", self._control_job)
+        node.add_control_op("cancel", self._control_cancel)
 
     async def run(
         self, *, task_status: trio.TaskStatus[Requester] = trio.TASK_STATUS_IGNORED
@@ -287,6 +380,12 @@ class Requester:
             raise JobRefused(receipt.reason)
         log.info("Job %s (%s) accepted by %s", short(manifest.job_id), manifest.spec.name,
                  short(master))
+        if self.results_dir is not None:
+            try:
+                self._write_status(handle)
+            except OSError as exc:
+                log.warning("Could not note job %s in %s: %s", short(manifest.job_id),
+                            self.results_dir, exc)
         return handle
 
     async def _open_escrow(
@@ -332,6 +431,25 @@ class Requester:
         if peer_address(master) != named:
             raise NoMaster(f"{master} is not the job's master: the escrow names {named}")
         return master
+
+    async def cancel(self, job_id: str, reason: str = "") -> JobHandle:
+        """Ask the job's master to stop after the round in progress.
+
+        A paid job then settles what was accepted so far, and the escrow
+        refunds the rest of the deposit; `KeyError` for a job this node did
+        not submit, `ValueError` for one that already ended.
+        """
+        handle = self.jobs[job_id]
+        if handle.result is not None:
+            raise ValueError(f"job {short(job_id)} already ended: {handle.result.done.reason}")
+        handle.cancel_reason = reason or "cancelled by its requester"
+        await self._send_cancel(handle)
+        log.info("Asked %s to cancel job %s", short(handle.master), short(job_id))
+        return handle
+
+    async def _send_cancel(self, handle: JobHandle) -> None:
+        message = JobCancel(job=handle.job_id, reason=handle.cancel_reason[:256])
+        await self.node.topics.publish(job_topic(handle.job_id), message)
 
     async def refund(self, job_id: str) -> str:
         """Take back the deposit of a paid job nobody settled by its deadline (the tx hash)."""
@@ -435,6 +553,8 @@ class Requester:
         handle.last_heard = now
         handle.progress.set()
         handle.progress = trio.Event()
+        if handle.cancel_reason:  # the replica the new master resumed from predates it
+            await self._send_cancel(handle)
 
     async def _scored(self, handle: JobHandle, digest: str) -> tuple[dict[str, np.ndarray], Score]:
         providers = [handle.master, *reversed(handle.masters_seen)]
@@ -474,7 +594,114 @@ class Requester:
             evaluations=handle.evaluations,
             seconds=trio.current_time() - handle.submitted_at,
         )
+        if self.results_dir is not None:
+            try:
+                await trio.to_thread.run_sync(self._save_result, handle)
+            except (OSError, ValueError) as exc:
+                log.error("Could not save the result of job %s: %s", short(handle.job_id), exc)
         handle.finished.set()
+
+    def _save_result(self, handle: JobHandle) -> None:
+        """Write the model file (when there are weights) and the final status."""
+        assert self.results_dir is not None and handle.result is not None
+        result = handle.result
+        folder = self.results_dir / handle.job_id
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if result.weights:
+            score = result.evaluation
+            metrics = {"accuracy": score.accuracy,
+                       "loss": score.loss if np.isfinite(score.loss) else None,
+                       "samples": score.samples, "rounds": result.done.rounds}
+            handle.model_file = save_model(
+                folder / MODEL_FILE, result.weights, handle.manifest.spec, handle.manifest.data,
+                job_id=handle.job_id, metrics=metrics,
+            )
+        self._write_status(handle)
+        log.info("Saved the result of job %s in %s", short(handle.job_id), folder)
+
+    def _write_status(self, handle: JobHandle) -> None:
+        assert self.results_dir is not None
+        folder = self.results_dir / handle.job_id
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = folder / (STATUS_FILE + ".tmp")
+        temporary.write_text(json.dumps(handle.status(), indent=2), encoding="utf-8")
+        os.replace(temporary, folder / STATUS_FILE)
+
+    # --- the control endpoint ----------------------------------------------------------
+    def _saved_statuses(self) -> dict[str, dict[str, Any]]:
+        """Statuses of ended jobs saved by an earlier run of this node."""
+        found: dict[str, dict[str, Any]] = {}
+        if self.results_dir is None or not self.results_dir.is_dir():
+            return found
+        for path in self.results_dir.glob(f"*/{STATUS_FILE}"):
+            try:
+                status = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if not isinstance(status, dict) or status.get("job_id") != path.parent.name:
+                continue
+            if status.get("state") in ("running", "cancelling"):
+                status["state"] = "lost"
+                status["reason"] = ("this node stopped while the job ran; its master may have "
+                                    "finished it (a paid job's escrow says so)")
+            found[path.parent.name] = status
+        return found
+
+    def _all_statuses(self) -> dict[str, dict[str, Any]]:
+        statuses = self._saved_statuses()
+        statuses.update({job_id: handle.status() for job_id, handle in self.jobs.items()})
+        return statuses
+
+    def resolve(self, reference: object, statuses: dict[str, dict[str, Any]]) -> str:
+        """The job id that `reference` (a whole id or a unique prefix) names."""
+        if not isinstance(reference, str) or not reference:
+            raise ValueError('job: a job id (or a unique prefix of one) is needed')
+        if reference in statuses:
+            return reference
+        matches = [job_id for job_id in statuses if job_id.startswith(reference.lower())]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise ValueError(f"job: {reference!r} is the prefix of {len(matches)} jobs; "
+                             "give more of the id")
+        raise ValueError(f"job: this node submitted no job {reference!r}")
+
+    async def _control_submit(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            spec = JobSpec.from_dict(request.get("spec"))
+        except JobSpecError as exc:
+            raise ValueError(f"spec: {exc}") from None
+        master = request.get("master")
+        if master is not None and not isinstance(master, str):
+            raise ValueError('master: must be a peer id string')
+        try:
+            handle = await self.submit(spec, master)
+        except (JobRefused, NoMaster, ChainError, NetworkError, WireError, BlobError) as exc:
+            raise RequestRefused(f"the job was not submitted: {exc}") from None
+        except trio.TooSlowError:
+            raise RequestRefused("the job was not submitted: its master did not answer") from None
+        return handle.status()
+
+    async def _control_jobs(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        return sorted(self._all_statuses().values(), key=lambda s: s["job_id"])
+
+    async def _control_job(self, request: dict[str, Any]) -> dict[str, Any]:
+        statuses = self._all_statuses()
+        return statuses[self.resolve(request.get("job"), statuses)]
+
+    async def _control_cancel(self, request: dict[str, Any]) -> dict[str, Any]:
+        statuses = self._all_statuses()
+        job_id = self.resolve(request.get("job"), statuses)
+        if job_id not in self.jobs:
+            raise ValueError(f"job: {short(job_id)} already ended: {statuses[job_id]['reason']}")
+        reason = request.get("reason", "")
+        if not isinstance(reason, str):
+            raise ValueError("reason: must be a string")
+        try:
+            handle = await self.cancel(job_id, reason)
+        except (NetworkError, WireError) as exc:
+            raise RequestRefused(f"the cancellation was not sent: {exc}") from None
+        return handle.status()
 
 
 def _keep_record(handle: JobHandle, record: RoundRecord) -> None:

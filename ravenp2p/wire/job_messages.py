@@ -287,3 +287,19 @@ class JobDone(Message):
     credits: tuple[WorkerCredit, ...] = constrained(max_len=4096)
     settle_tx: str = constrained(pattern=r"(0x[0-9a-f]{64})?", default="")
     """The escrow settlement's transaction hash, for a paid job that settled."""
+
+
+@register
+@dataclass(frozen=True)
+class JobCancel(Message):
+    """The requester asks the job's master to stop (on the job's topic).
+
+    The master finishes the round in progress, then ends the job as usual: a
+    paid job settles what was accepted so far and the escrow refunds the rest
+    of the deposit. Only the job's requester (the envelope's sender) may cancel.
+    """
+
+    TYPE = "job.cancel"
+
+    job: str = constrained(pattern=DIGEST_PATTERN)
+    reason: str = constrained(max_len=256, default="")
