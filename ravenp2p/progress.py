@@ -35,7 +35,9 @@ class JobProgress:
     """`with JobProgress(name) as bar: bar.update(status)` while a job runs."""
 
     def __init__(self, title: str, console: Console | None = None) -> None:
-        self._console = console or Console(file=sys.stderr)
+        # Off a terminal (a log), one full line at the end rather than one cut at 80 columns.
+        self._console = console or Console(file=sys.stderr,
+                                           width=None if sys.stderr.isatty() else 200)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

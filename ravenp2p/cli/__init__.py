@@ -20,6 +20,7 @@ from ravenp2p.cli import devnet, jobs, node, wallet
 from ravenp2p.cli.options import (
     CONFIG_ENV,
     check_top_level_keys,
+    common_options,
     environment,
     layered_defaults,
     load_config_file,
@@ -37,22 +38,12 @@ exit codes: 0 success, 1 the operation failed, 2 bad usage or configuration,
 """
 
 
-def _common_options() -> argparse.ArgumentParser:
-    """--config and --debug, accepted before or after the command's name."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, metavar="FILE", default=argparse.SUPPRESS,
-                        help="TOML file of option values (default $RAVENP2P_CONFIG)")
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks on errors")
-    return common
-
-
 class _Commands:
     """The subparsers action, handing every command the common options."""
 
     def __init__(self, action: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         self._action = action
-        self._common = _common_options()
+        self._common = common_options()
 
     def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
         kwargs.setdefault("parents", [self._common])

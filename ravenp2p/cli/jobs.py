@@ -125,14 +125,18 @@ def _report(args: argparse.Namespace, status: JobStatus) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
+    from ravenp2p.training.spec import load_job_spec
+
+    spec = load_job_spec(args.spec)  # a bad spec is refused before any node is asked
+
     async def submit() -> JobStatus:
         client = _client(args)
         await client.connect()
         if args.json:
-            job = await client.submit(args.spec, master=args.master)
+            job = await client.submit(spec, master=args.master)
         else:
-            with console().status(f"Preparing {args.spec.name}: shards, deposit, master"):
-                job = await client.submit(args.spec, master=args.master)
+            with console().status(f"Preparing {spec.name}: shards, deposit, master"):
+                job = await client.submit(spec, master=args.master)
             print(f"Submitted job {job.job_id}")
         return await job.wait(progress=not args.json) if args.wait else await job.status()
 

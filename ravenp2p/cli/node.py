@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from ravenp2p.cli.options import add_data_dir, add_json
+from ravenp2p.cli.options import add_data_dir, add_json, common_options
 from ravenp2p.cli.output import print_json, print_table
 from ravenp2p.cli.status import EXIT_FAILED, EXIT_OK
 
@@ -61,10 +61,15 @@ def register(commands: Any) -> None:
     node.add_argument("--log-json", action="store_true", help="write logs as JSON lines")
     node.set_defaults(run=run_node)
 
-    keys = commands.add_parser("keys", help="create or show the node key (peer id and address)")
+    keys = commands.add_parser(
+        "keys", help="create or show the node key (peer id and address)",
+        description="Create or show the node's secp256k1 key: its libp2p peer id and its "
+        "Ethereum address come from it.",
+    )
     key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     for name, text in (("new", "create a new node key"), ("show", "print the peer id and address")):
-        sub = key_commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        sub = key_commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                                      parents=[common_options()])
         add_data_dir(sub)
         add_json(sub)
         sub.set_defaults(run=run_keys)

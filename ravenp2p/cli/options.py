@@ -30,6 +30,16 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+def common_options() -> argparse.ArgumentParser:
+    """--config and --debug, for every command: accepted before or after its name."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, metavar="FILE", default=argparse.SUPPRESS,
+                        help="TOML file of option values (default $RAVENP2P_CONFIG)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+    return common
+
+
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir", type=Path, default=DEFAULT_DATA_DIR,

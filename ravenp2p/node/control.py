@@ -128,7 +128,8 @@ async def _serve_one(stream: trio.SocketStream, ops: Mapping[str, ControlOp]) ->
         except RequestRefused as exc:
             reply = {"ok": False, "error": str(exc), "kind": exc.kind}
         except (ValueError, KeyError) as exc:
-            reply = {"ok": False, "error": str(exc).strip("'\""), "kind": "invalid"}
+            text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            reply = {"ok": False, "error": text, "kind": "invalid"}
         except Exception as exc:  # a control request must never take the node down
             log.warning("Control request failed: %s: %s", type(exc).__name__, exc)
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "kind": "failed"}

@@ -100,7 +100,8 @@ def refused(data: object) -> JobSpecError:
 
 def test_all_examples_are_present() -> None:
     names = sorted(path.name for path in EXAMPLES.glob("*.toml"))
-    assert names == ["digits-auto.toml", "digits-usd.toml", "digits.toml", "mnist-mlp.toml",
+    assert names == ["digits-auto.toml", "digits-quick.toml", "digits-usd.toml", "digits.toml",
+                     "mnist-mlp.toml",
                      "shakespeare-char.toml"]
 
 
