@@ -105,9 +105,12 @@ async def _watch(handle: Any) -> None:
 
     spec = handle.manifest.spec
     with JobProgress(f"{spec.name} ({spec.model.chosen or 'custom'})", console()) as bar:
-        while True:
+        try:
+            while True:
+                bar.update(handle.status())
+                await trio.sleep(0.5)
+        finally:  # cancelled at the end of the job: draw its final state
             bar.update(handle.status())
-            await trio.sleep(0.5)
 
 
 def print_report(report: dict[str, Any]) -> None:

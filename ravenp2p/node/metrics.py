@@ -214,6 +214,21 @@ class _AcceptedLatencies:
         return self.histogram
 
 
+class _RoundDurations:
+    """Folds each completed round's duration into a histogram exactly once (by count)."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.histogram = Histogram(bounds)
+        self._seen = 0
+
+    def update(self, master: Master) -> Histogram:
+        fresh = min(master.rounds_completed - self._seen, len(master.round_seconds))
+        for seconds in master.round_seconds[len(master.round_seconds) - fresh:]:
+            self.histogram.observe(seconds)
+        self._seen = master.rounds_completed
+        return self.histogram
+
+
 class NodeMetrics:
     """The metrics of one node and the roles it runs, read from their live state at each scrape.
 
@@ -228,6 +243,7 @@ class NodeMetrics:
         self.worker = worker
         self.master = master
         self._latencies = _AcceptedLatencies(LATENCY_BUCKETS_S)
+        self._rounds = _RoundDurations(LATENCY_BUCKETS_S)
 
     def collect(self) -> list[Metric]:
         """Every family, in a stable order."""
@@ -305,6 +321,9 @@ class NodeMetrics:
                     master.standby.takeovers),
             latencies.metric("ravenp2p_master_calculation_latency_seconds",
                              "Seconds from ordering a calculation to accepting it."),
+            self._rounds.update(master).metric(
+                "ravenp2p_master_round_seconds",
+                "Seconds a round took, from its orders going out to its record published."),
         ]
 
 

@@ -318,6 +318,10 @@ class Master:
         self._queued = 0
         self.calculation_timings: list[CalculationTiming] = []
         """The most recent calculations' timings (bounded), for operators and benchmarks."""
+        self.round_seconds: list[float] = []
+        """The most recent rounds' durations, from orders out to record published (bounded)."""
+        self.rounds_completed = 0
+        """Rounds this master completed, over all its jobs."""
         self._follows_epochs = committee is None and node.chain is not None
         """Whether this role runs its own view of the epochs (the node has none to share)."""
         self.committee = committee or (CommitteeView(node.chain) if node.chain else None)
@@ -775,6 +779,9 @@ class Master:
         await self._collect(run)
         collected = trio.current_time()
         await self._close_round(run)
+        self.rounds_completed += 1
+        self.round_seconds.append(trio.current_time() - started)
+        del self.round_seconds[:-MAX_TIMINGS]
         log.debug(
             "Round %d: orders out in %.1f ms, results in %.1f ms, closed in %.1f ms",
             run.round - 1, 1000 * (published - started), 1000 * (collected - published),

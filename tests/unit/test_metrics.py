@@ -281,6 +281,24 @@ def test_node_metrics_follow_the_roles_the_node_runs(tmp_path):
     assert value_of(full, "ravenp2p_master_calculation_latency_seconds_count") == 1
     assert value_of(full, "ravenp2p_master_calculation_latency_seconds_bucket", le="0.5") == 1
 
+    # Round durations: each completed round is counted once, however often it is scraped,
+    # and rounds the master no longer remembers are not invented.
+    metrics = NodeMetrics(node, master=master)
+    master.round_seconds += [0.4, 3.0]
+    master.rounds_completed = 2
+    rounds = parse_exposition(render(metrics.collect()))
+    assert value_of(rounds, "ravenp2p_master_round_seconds_count") == 2
+    assert value_of(rounds, "ravenp2p_master_round_seconds_sum") == 3.4
+    assert value_of(rounds, "ravenp2p_master_round_seconds_bucket", le="0.5") == 1
+    assert value_of(parse_exposition(render(metrics.collect())),
+                    "ravenp2p_master_round_seconds_count") == 2
+    del master.round_seconds[:2]
+    master.round_seconds.append(7.0)
+    master.rounds_completed = 5  # two of the three new rounds were already forgotten
+    rounds = parse_exposition(render(metrics.collect()))
+    assert value_of(rounds, "ravenp2p_master_round_seconds_count") == 3
+    assert value_of(rounds, "ravenp2p_master_round_seconds_sum") == 10.4
+
 
 # --- the HTTP endpoint ---------------------------------------------------------------------------
 class Collector:
