@@ -1,4 +1,4 @@
-"""The requester's client against a devnet: submit, follow, cancel, get the model back.
+"""The requester's async client against a devnet: cancel a job, and refusals.
 
 Real py-libp2p hosts on loopback, real torch training on digits, the real
 contracts on the embedded chain. The async client talks to the devnet's
@@ -13,19 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import trio
-from integration.trained import QUICK_SPEC, digits_accuracy
+from integration.trained import QUICK_SPEC
 
 from consensus.settlement import MARGIN_PERCENT
 from ravenp2p.client import AsyncClient, ClientError, JobFailed
 from ravenp2p.devnet import start_devnet
 from ravenp2p.roles.escrow import job_key
-from ravenp2p.training.model_file import load_model, read_model
 from ravenp2p.training.spec import format_amount, load_job_spec, parse_amount
 
 JOB_TIMEOUT = 240.0
 
 
-async def test_a_client_trains_a_model_and_cancels_a_job_with_a_refund(tmp_path: Path) -> None:
+async def test_a_client_cancels_a_job_and_the_escrow_refunds_the_rest(tmp_path: Path) -> None:
     requester_dir = tmp_path / "requester"
     async with start_devnet(3, masters=2, economy=True, requester_dir=requester_dir) as net:
         money = net.economy
@@ -35,29 +34,7 @@ async def test_a_client_trains_a_model_and_cancels_a_job_with_a_refund(tmp_path:
         client = AsyncClient(requester_dir, start_node=False)
         assert (await client.connect())["peer_id"] == net.requester.node.peer_id
 
-        # A job that reaches its target: the module comes back trained.
-        job = await client.submit(QUICK_SPEC)
-        status = await job.wait(timeout=JOB_TIMEOUT)
-        assert status.state == "done", status.reason
-        assert status.reason.startswith("target reached")
-        assert status.accuracy is not None and status.accuracy >= 0.95
-        assert status.settle_tx.startswith("0x")
         spec = load_job_spec(QUICK_SPEC)
-        cost = status.results_paid * spec.price_per_calculation
-        assert status.spent == format_amount(cost + cost * MARGIN_PERCENT // 100)
-        settled = await money.owner.settlement(job_key(job.job_id))
-        assert settled is not None and settled.cost == cost
-        model = await job.result()
-        assert digits_accuracy(model) >= 0.9
-        saved = await job.save(tmp_path / "out" / "digits.safetensors")
-        assert saved.with_suffix(".toml").read_text().startswith('name = "digits-quick"')
-        assert read_model(saved).job_id == job.job_id
-        images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
-        assert torch.equal(load_model(saved)(images), model(images))
-        listed = await client.jobs()
-        assert [row.job_id for row in listed] == [job.job_id]
-        assert (await client.job(job.job_id[:10])).job_id == job.job_id  # a unique prefix
-
         # A job that could run 200 rounds, cancelled early: settled, the rest refunded.
         endless = dataclasses.replace(
             spec, name="digits-cancelled",
@@ -75,10 +52,15 @@ async def test_a_client_trains_a_model_and_cancels_a_job_with_a_refund(tmp_path:
         assert "enough" in status.reason and status.round < 200
         settled = await money.owner.settlement(job_key(job.job_id))
         assert settled is not None and settled.tx_hash == status.settle_tx
+        cost = status.results_paid * spec.price_per_calculation
+        assert settled.cost == cost > 0
+        assert status.spent == format_amount(cost + cost * MARGIN_PERCENT // 100)
         assert settled.refund == endless.budget - settled.cost - settled.cost // 10
         assert await money.owner.balance_of(address) == (
             balance_before - endless.budget + settled.refund)
-        assert (await job.result()) is not None  # the weights it reached
+        model = await job.result()  # the weights it reached
+        assert model(torch.zeros(2, 1, 8, 8, dtype=torch.uint8)).shape == (2, 10)
+        assert (await client.job(job.job_id[:10])).job_id == job.job_id  # a unique prefix
 
         # Refusals come back as one clear error each; the node keeps serving.
         with pytest.raises(ValueError, match="already ended"):
@@ -90,7 +72,7 @@ async def test_a_client_trains_a_model_and_cancels_a_job_with_a_refund(tmp_path:
             await client.submit(broke)
         with pytest.raises(ValueError, match="spec"):
             await client.request({"op": "submit", "spec": {"name": "x"}})
-        assert len(await client.jobs()) == 2
+        assert [row.job_id for row in await client.jobs()] == [job.job_id]
 
 
 async def test_a_failed_job_has_no_result_and_a_missing_node_is_named(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from integration.trained import QUICK_SPEC, digits_accuracy
 
 from ravenp2p.client import Client
-from ravenp2p.training.model_file import load_model
+from ravenp2p.training.model_file import load_model, read_model
 
 SERVE_START_TIMEOUT_S = 120
 
@@ -79,7 +79,12 @@ def test_a_script_and_the_command_line_train_and_fetch_a_model(
         assert status.state == "done", status.reason
         model = job.result()
         assert digits_accuracy(model) >= 0.9
-        assert job.save(tmp_path / "digits.safetensors").exists()
+        saved = job.save(tmp_path / "digits.safetensors")
+        assert saved.with_suffix(".toml").read_text().startswith('name = "digits-quick"')
+        assert read_model(saved).job_id == job.job_id
+        images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+        assert torch.equal(load_model(saved)(images), model(images))
+        assert status.settle_tx.startswith("0x") and status.accuracy >= 0.95
 
     listed = ravenp2p("jobs", "--json", "--data-dir", data_dir)
     assert listed.returncode == 0, listed.stderr
