@@ -42,7 +42,13 @@ from typing import Any, ParamSpec, TypeVar
 
 import trio
 
-from ravenp2p.node.control import ControlError, RequestRefused, control_request, socket_path
+from ravenp2p.node.control import (
+    HANDLER_TIMEOUT_S,
+    ControlError,
+    RequestRefused,
+    control_request,
+    socket_path,
+)
 
 DEFAULT_DATA_DIR = Path.home() / ".ravenp2p"
 NODE_START_TIMEOUT_S = 60.0
@@ -296,7 +302,9 @@ class AsyncClient:
             process.kill()
             await _exited(process, NODE_STOP_TIMEOUT_S)
 
-    async def request(self, request: dict[str, Any], timeout: float = 35.0) -> Any:
+    async def request(
+        self, request: dict[str, Any], timeout: float = HANDLER_TIMEOUT_S + 5.0
+    ) -> Any:
         """One control request to the node; `ClientError` with the node's reason if refused."""
         try:
             return await control_request(self.data_dir, request, timeout)

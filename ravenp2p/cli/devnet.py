@@ -104,13 +104,17 @@ async def _watch(handle: Any) -> None:
     from ravenp2p.progress import JobProgress
 
     spec = handle.manifest.spec
-    with JobProgress(f"{spec.name} ({spec.model.chosen or 'custom'})", console()) as bar:
-        try:
-            while True:
+    try:
+        with JobProgress(f"{spec.name} ({spec.model.chosen or 'custom'})", console()) as bar:
+            try:
+                while True:
+                    bar.update(handle.status())
+                    await trio.sleep(0.5)
+            finally:  # cancelled at the end of the job: draw its final state
                 bar.update(handle.status())
-                await trio.sleep(0.5)
-        finally:  # cancelled at the end of the job: draw its final state
-            bar.update(handle.status())
+    finally:
+        if handle.manifest.chain is not None and handle.result is not None:
+            console().print("Settled on-chain; waiting for every worker to claim its payout...")
 
 
 def print_report(report: dict[str, Any]) -> None:

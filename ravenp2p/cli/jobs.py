@@ -41,11 +41,9 @@ def register(commands: Any) -> None:
 
     status = commands.add_parser("status", help="show one job's progress or outcome",
                                  description="Show one job's progress or outcome.")
-    status.add_argument("job", metavar="JOB", help="job id, or a unique prefix of one")
+    _add_job_options(status)
     status.add_argument("--wait", action="store_true",
                         help="follow the job with a progress bar until it ends")
-    add_data_dir(status)
-    add_json(status)
     status.set_defaults(run=run_status)
 
     jobs = commands.add_parser("jobs", help="list the jobs this node submitted",
@@ -59,13 +57,11 @@ def register(commands: Any) -> None:
         description="Save a finished job's model: safetensors with the spec inside, the spec "
         "as TOML beside it, and optionally an ONNX export.",
     )
-    fetch.add_argument("job", metavar="JOB", help="job id, or a unique prefix of one")
+    _add_job_options(fetch)
     fetch.add_argument("--out", type=Path, metavar="FILE",
                        help="model file to write (default: NAME-JOBID.safetensors here)")
     fetch.add_argument("--onnx", action="store_true",
                        help="also export the model as ONNX (the same name, ending in .onnx)")
-    add_data_dir(fetch)
-    add_json(fetch)
     fetch.set_defaults(run=run_fetch)
 
     cancel = commands.add_parser(
@@ -73,12 +69,17 @@ def register(commands: Any) -> None:
         description="Ask the job's master to stop after the round in progress; a paid job "
         "settles what was accepted and the escrow refunds the rest of the deposit.",
     )
-    cancel.add_argument("job", metavar="JOB", help="job id, or a unique prefix of one")
+    _add_job_options(cancel)
     cancel.add_argument("--reason", default="", help="why, for the master's log")
     cancel.add_argument("--wait", action="store_true", help="wait until the job has ended")
-    add_data_dir(cancel)
-    add_json(cancel)
     cancel.set_defaults(run=run_cancel)
+
+
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    """The job a command is about, the node that submitted it, and --json."""
+    parser.add_argument("job", metavar="JOB", help="job id, or a unique prefix of one")
+    add_data_dir(parser)
+    add_json(parser)
 
 
 def _client(args: argparse.Namespace) -> AsyncClient:
