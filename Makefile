@@ -29,6 +29,7 @@ bench: install
 	$(PY) benchmarks/net.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/chain.py
+	$(PY) benchmarks/demo.py
 
 contracts: install
 	node contracts/build.js
