@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +73,8 @@ class JobStatus:
     """A job as its requester sees it. Amounts are decimal strings of RAVEN."""
 
     job_id: str
+    created_ms: int
+    """When the requester prepared the job (Unix time in milliseconds)."""
     name: str
     model: str
     state: str
@@ -169,9 +170,10 @@ class AsyncJob:
 
         Returns the model file's path; the spec goes to the same name ending in `.toml`.
         """
-        return await trio.to_thread.run_sync(
-            save_model_copy, await self._model_file(timeout), Path(path)
-        )
+        from ravenp2p.training.model_file import copy_model
+
+        model_file = await self._model_file(timeout)
+        return await trio.to_thread.run_sync(copy_model, model_file, Path(path))
 
     async def cancel(self, reason: str = "") -> JobStatus:
         """Ask the master to stop after the round in progress.
@@ -182,25 +184,20 @@ class AsyncJob:
         request = {"op": "cancel", "job": self.job_id, "reason": reason}
         return JobStatus.from_dict(await self.client.request(request))
 
+    async def publish(
+        self, name: str | None = None, *, license: str = "", price: str = "0",
+        description: str = "",
+    ) -> dict[str, Any]:
+        """Publish the job's trained model in the marketplace (see `AsyncClient.publish`)."""
+        return await self.client.publish(self.job_id, name=name, license=license, price=price,
+                                         description=description)
+
     async def _model_file(self, timeout: float | None) -> Path:
         status = await self.wait(timeout=timeout)
         if status.model_file is None:
             raise JobFailed(f"job {self.job_id[:16]} ended {status.state} without weights: "
                             f"{status.reason}")
         return Path(status.model_file)
-
-
-def save_model_copy(model_file: Path, path: Path) -> Path:
-    """Copy a model file to `path` and write its spec as TOML next to it."""
-    import tomli_w
-
-    from ravenp2p.training.model_file import read_model
-
-    saved = read_model(model_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model_file, path)
-    path.with_suffix(".toml").write_text(tomli_w.dumps(saved.spec.to_dict()), encoding="utf-8")
-    return path
 
 
 class AsyncClient:
@@ -340,8 +337,92 @@ class AsyncClient:
         return AsyncJob(self, status["job_id"])
 
     async def jobs(self) -> list[JobStatus]:
-        """Every job this node submitted (those of earlier runs too), oldest id first."""
+        """Every job this node submitted (those of earlier runs too), oldest first."""
         return [JobStatus.from_dict(row) for row in await self.request({"op": "jobs"})]
+
+    # --- the model marketplace -------------------------------------------------------------
+    async def models(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The models this node has heard of (optionally those whose name holds `name`).
+
+        Each row has the model's name, publisher, digest, task and input shape,
+        holdout metrics, license and price per call (RAVEN), among others.
+        """
+        request: dict[str, Any] = {"op": "models"}
+        if name is not None:
+            request["name"] = name
+        rows: list[dict[str, Any]] = await self.request(request)
+        return rows
+
+    async def publish(
+        self, job_or_file: str | Path, *, name: str | None = None, license: str = "",
+        price: str = "0", description: str = "",
+    ) -> dict[str, Any]:
+        """Publish a finished job's model (its id) or a model file (a `Path`) to the network.
+
+        This node then serves it: others fetch it, and call it at `price` RAVEN
+        per call (a decimal string; "0" is free). Returns the published row.
+        """
+        from ravenp2p.market.role import PUBLISH_TIMEOUT_S
+
+        request: dict[str, Any] = {"op": "model_publish", "license": license, "price": price,
+                                   "description": description}
+        if isinstance(job_or_file, Path):
+            request["file"] = _absolute(job_or_file)
+        else:
+            request["job"] = job_or_file
+        if name is not None:
+            request["name"] = name
+        row: dict[str, Any] = await self.request(request, timeout=PUBLISH_TIMEOUT_S + 5.0)
+        return row
+
+    async def fetch_model(self, model: str, path: str | Path | None = None) -> Path:
+        """Fetch a published model (NAME, NAME@PEER or its digest), verified by its digest.
+
+        With `path`, a copy (and its spec as TOML) is written there; returns
+        the model file's path, which `ravenp2p.load_model` opens.
+        """
+        from ravenp2p.market.role import GET_TIMEOUT_S
+
+        request: dict[str, Any] = {"op": "model_get", "model": model}
+        if path is not None:
+            request["out"] = _absolute(path)
+        got = await self.request(request, timeout=GET_TIMEOUT_S + 30.0)
+        return Path(got["out"] or got["file"])
+
+    async def infer(
+        self, model: str, inputs: Any, *, local: bool = False, max_price: str = "0",
+    ) -> dict[str, Any]:
+        """Run a published model on `inputs`: on the peer that serves it, or here (`local`).
+
+        `inputs` is an array (or tensor) of samples shaped as the model takes
+        them, or a text prompt for a text model. A priced model is paid per call
+        from this node's wallet, only up to `max_price` RAVEN (default: refuse to
+        pay). Returns `predictions` (per sample), `outputs` (an array), `paid`
+        and `payment_tx`, among others.
+        """
+        import base64
+
+        import numpy as np
+
+        from ravenp2p.market.role import INFER_TIMEOUT_S
+        from ravenp2p.training.tensors import decode_tensors, encode_tensors
+
+        request: dict[str, Any] = {"op": "infer", "model": model, "local": local,
+                                   "max_price": max_price}
+        if isinstance(inputs, str):
+            request["text"] = inputs
+        else:
+            array = np.asarray(inputs.detach().cpu().numpy() if hasattr(inputs, "detach")
+                               else inputs)
+            request["inputs"] = base64.b64encode(encode_tensors({"input": array})).decode()
+        result: dict[str, Any] = await self.request(request, timeout=INFER_TIMEOUT_S + 30.0)
+        result["outputs"] = decode_tensors(base64.b64decode(result["outputs"]))["output"]
+        return result
+
+
+def _absolute(path: str | Path) -> str:
+    """`path` for the node, which may run in another folder: `~` expanded, made absolute."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
 async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -397,6 +478,14 @@ class Job:
     def cancel(self, reason: str = "") -> JobStatus:
         """Ask the master to stop after the round in progress (see `AsyncJob.cancel`)."""
         return _blocking(self.aio.cancel)(reason)
+
+    def publish(
+        self, name: str | None = None, *, license: str = "", price: str = "0",
+        description: str = "",
+    ) -> dict[str, Any]:
+        """Publish the job's trained model in the marketplace (see `AsyncClient.publish`)."""
+        return _blocking(self.aio.publish)(name, license=license, price=price,
+                                           description=description)
 
 
 class Client:
@@ -454,5 +543,27 @@ class Client:
         return Job(_blocking(self.aio.job)(job_id))
 
     def jobs(self) -> list[JobStatus]:
-        """Every job this node submitted, oldest id first."""
+        """Every job this node submitted, oldest first."""
         return _blocking(self.aio.jobs)()
+
+    def models(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The models this node has heard of (see `AsyncClient.models`)."""
+        return _blocking(self.aio.models)(name)
+
+    def publish(
+        self, job_or_file: str | Path, *, name: str | None = None, license: str = "",
+        price: str = "0", description: str = "",
+    ) -> dict[str, Any]:
+        """Publish a job's model or a model file (see `AsyncClient.publish`)."""
+        return _blocking(self.aio.publish)(job_or_file, name=name, license=license,
+                                           price=price, description=description)
+
+    def fetch_model(self, model: str, path: str | Path | None = None) -> Path:
+        """Fetch a published model, verified (see `AsyncClient.fetch_model`)."""
+        return _blocking(self.aio.fetch_model)(model, path)
+
+    def infer(
+        self, model: str, inputs: Any, *, local: bool = False, max_price: str = "0",
+    ) -> dict[str, Any]:
+        """Run a published model, remotely or here (see `AsyncClient.infer`)."""
+        return _blocking(self.aio.infer)(model, inputs, local=local, max_price=max_price)

@@ -42,6 +42,7 @@ from ravenp2p.chain.devchain import DevChain, EmbeddedChain
 from ravenp2p.chain.pricing import current_quote, price_in_raven
 from ravenp2p.chain.web3chain import Web3Chain
 from ravenp2p.identity import NodeIdentity, create_identity, load_or_create_identity
+from ravenp2p.market.role import MarketConfig, ModelCatalog
 from ravenp2p.network.libp2p import Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.daemon import RESULTS_FOLDER, data_dir_lock
@@ -188,6 +189,8 @@ class Devnet:
     """Peer id -> the cancel scope that kills that in-process master's node."""
     master_processes: list[NodeProcess] = field(default_factory=list)
     """Masters running as `ravenp2p node --candidate` processes."""
+    catalogs: dict[str, ModelCatalog] = field(default_factory=dict)
+    """Peer id -> that node's model marketplace (with `start_devnet(market=...)`)."""
 
     @property
     def master_ids(self) -> list[str]:
@@ -286,6 +289,7 @@ async def start_devnet(
     listen_host: str = "127.0.0.1",
     equivocators: int = 0,
     requester_dir: Path | None = None,
+    market: MarketConfig | None = None,
 ) -> AsyncIterator[Devnet]:
     """Start masters, a requester and `workers` workers; stop them all on exit.
 
@@ -307,7 +311,8 @@ async def start_devnet(
     With `requester_dir`, the requester keeps its key there, serves its
     control socket there (so `ravenp2p.Client(requester_dir)` and `ravenp2p
     submit --data-dir requester_dir` can submit jobs to the devnet) and saves
-    the results of its jobs in its `results` folder.
+    the results of its jobs in its `results` folder. With `market`, every
+    in-process node runs the model marketplace (`Devnet.catalogs`).
     """
     if workers < 1:
         raise ValueError("a devnet needs at least 1 worker")
@@ -345,9 +350,16 @@ async def start_devnet(
                 chain = await money.account(identity, stake) if money else None
                 if chain is not None and stake:
                     await chain.stake(stake)
-                return Node(Libp2pNetwork(identity, config.listen), identity, config, chain=chain)
+                node = Node(Libp2pNetwork(identity, config.listen), identity, config, chain=chain)
+                if market is not None:
+                    catalog = ModelCatalog(node, results_dir=data_dir / RESULTS_FOLDER,
+                                           config=market)
+                    catalogs[node.peer_id] = catalog
+                    node.add_role(catalog.run)
+                return node
 
             kill_scopes: dict[str, trio.CancelScope] = {}
+            catalogs: dict[str, ModelCatalog] = {}
 
             async def start(node: Node) -> None:
                 await nursery.start(node.run)
@@ -377,7 +389,7 @@ async def start_devnet(
             requester_node.add_role(requester.run)
             await start(requester_node)
             net = Devnet(masters=master_roles, requester=requester, workers=[], nodes=nodes,
-                         economy=money, kill_scopes=kill_scopes)
+                         economy=money, kill_scopes=kill_scopes, catalogs=catalogs)
             try:
                 for i, placement in enumerate(master_processes):
                     await net.start_master_process(Path(tmp) / f"master{i}", placement)
@@ -652,7 +664,7 @@ async def serve_devnet(
     """
     async with start_devnet(
         workers, byzantine, seed=seed, masters=masters, economy=True,
-        requester_dir=requester_dir, timeout=120.0,
+        requester_dir=requester_dir, timeout=120.0, market=MarketConfig(),
     ) as net:
         assert net.economy is not None
         requester = net.requester.node

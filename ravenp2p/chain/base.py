@@ -223,6 +223,15 @@ class PriceQuote:
 
 
 @dataclass(frozen=True)
+class TokenTransfer:
+    """One RAVEN transfer a mined transaction made: the token's `Transfer` event."""
+
+    sender: str
+    recipient: str
+    amount: int
+
+
+@dataclass(frozen=True)
 class Settled:
     """What a `settle` transaction paid at once (from its `JobSettled` event)."""
 
@@ -253,7 +262,18 @@ class Chain(Protocol):
     # token
     async def balance_of(self, account: str) -> int: ...
 
-    async def transfer(self, to: str, amount: int) -> str: ...
+    async def transfer(self, to: str, amount: int) -> str:
+        """Send `amount` of this account's RAVEN to `to`. Returns the tx hash (mined)."""
+        ...
+
+    async def token_transfers(self, tx_hash: str) -> list[TokenTransfer]:
+        """The RAVEN transfers a mined, successful transaction made, in log order.
+
+        Only the deployment's token counts: a `Transfer` event of any other
+        contract is left out. ChainError when the transaction is unknown,
+        not mined yet, or failed.
+        """
+        ...
 
     # stake registry
     async def registry_params(self) -> RegistryParams: ...

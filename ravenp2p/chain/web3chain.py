@@ -9,13 +9,16 @@ tasks for a block.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
+from eth_typing import HexStr
 from eth_utils import to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
+from web3.exceptions import TransactionNotFound
 from web3.logs import DISCARD
 from web3.types import BlockIdentifier, TxReceipt
 
@@ -33,6 +36,7 @@ from ravenp2p.chain.base import (
     RegistryParams,
     Settled,
     StakeInfo,
+    TokenTransfer,
 )
 from ravenp2p.chain.errors import chain_errors, endpoint_of
 from ravenp2p.chain.sender import TransactionSender
@@ -43,6 +47,7 @@ RECEIPT_FIRST_POLL_S = 0.005  # automining chains answer at once; real ones take
 RECEIPT_MAX_POLL_S = 1.0
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
+TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 # The registry events that change the candidate list or an active stake.
 TABLE_EVENTS = ("StakeChanged", "CandidateAdded", "CandidateRemoved")
 
@@ -230,6 +235,37 @@ class Web3Chain:
 
     async def transfer(self, to: str, amount: int) -> str:
         return await self._tx("RavenToken", "transfer", _address("to", to), _uint("amount", amount))
+
+    async def token_transfers(self, tx_hash: str) -> list[TokenTransfer]:
+        """The RAVEN transfers a mined, successful transaction made (its token `Transfer` events).
+
+        Events of other contracts that merely share the `Transfer` signature
+        are left out. ChainError when the transaction is unknown, not mined
+        yet, or failed; ValueError for a malformed hash.
+        """
+        if not isinstance(tx_hash, str) or not TX_HASH.fullmatch(tx_hash):
+            raise ValueError(f"tx_hash must be 0x and 64 hex digits, got {tx_hash!r}")
+        token = self._contracts["RavenToken"]
+        with chain_errors(self._w3, "RavenToken", "eth_getTransactionReceipt"):
+            try:
+                receipt = self._w3.eth.get_transaction_receipt(HexStr(tx_hash))
+            except TransactionNotFound:
+                raise ChainError(
+                    f"transaction {tx_hash} is not mined on {endpoint_of(self._w3)} "
+                    "(unknown, or still pending)"
+                ) from None
+        if int(receipt["status"]) != 1:
+            raise ChainError(f"transaction {tx_hash} failed on-chain: it moved nothing")
+        events = token.events.Transfer().process_receipt(receipt, errors=DISCARD)
+        return [
+            TokenTransfer(
+                sender=str(to_checksum_address(event["args"]["from"])),
+                recipient=str(to_checksum_address(event["args"]["to"])),
+                amount=int(event["args"]["value"]),
+            )
+            for event in events
+            if event["address"] == token.address
+        ]
 
     async def mint(self, to: str, amount: int) -> str:
         """Create `amount` RAVEN for `to`; only the token's owner (the deployer) may."""

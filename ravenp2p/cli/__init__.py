@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ravenp2p import __version__
-from ravenp2p.cli import devnet, jobs, node, wallet
+from ravenp2p.cli import devnet, jobs, models, node, wallet
 from ravenp2p.cli.options import (
     CONFIG_ENV,
     check_top_level_keys,
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.register(commands)
     wallet.register(commands)
     jobs.register(commands)
+    models.register(commands)
     devnet.register(commands)
     return parser
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ravenp2p: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     failures: tuple[type[BaseException], ...] = (IdentityError, DataDirBusy, OSError, ChainError)
-    failures += jobs.FAILURES
+    failures += jobs.FAILURES + models.FAILURES
     if args.command == "devnet":  # imports torch: only where it is needed
         from ravenp2p.devnet import DevnetError
 

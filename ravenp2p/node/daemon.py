@@ -15,6 +15,7 @@ import trio
 from consensus.abi import checksum_address
 from ravenp2p.chain.base import Chain
 from ravenp2p.identity import NodeIdentity, load_or_create_identity
+from ravenp2p.market.role import ModelCatalog
 from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.metrics import NodeMetrics, is_loopback, metrics_url, serve_metrics
@@ -145,6 +146,7 @@ async def _run_locked(config: NodeConfig) -> None:
         node.add_role(master.run)
     requester = Requester(node, results_dir=config.data_dir / RESULTS_FOLDER)
     node.add_role(requester.run)
+    node.add_role(ModelCatalog(node, results_dir=requester.results_dir).run)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, node, nursery.cancel_scope, config.shutdown_timeout_s)
         if config.metrics_port is not None:

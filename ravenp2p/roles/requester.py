@@ -185,6 +185,7 @@ class JobHandle:
         cost = paid * spec.price_per_calculation
         return {
             "job_id": self.job_id,
+            "created_ms": self.manifest.created_ms,
             "name": spec.name,
             "model": spec.model.chosen or "custom",
             "state": self.state,
@@ -683,7 +684,8 @@ class Requester:
         return handle.status()
 
     async def _control_jobs(self, request: dict[str, Any]) -> list[dict[str, Any]]:
-        return sorted(self._all_statuses().values(), key=lambda s: s["job_id"])
+        return sorted(self._all_statuses().values(),
+                      key=lambda s: (s.get("created_ms", 0), s["job_id"]))
 
     async def _control_job(self, request: dict[str, Any]) -> dict[str, Any]:
         statuses = self._all_statuses()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,21 @@ def load_model(path: str | Path) -> TrainedModel:
         return model_file.module()
     except ValueError as exc:
         raise ModelFileError(f"{path}: the weights do not fit the model ({exc})") from None
+
+
+def copy_model(source: str | Path, target: str | Path) -> Path:
+    """Copy a model file (checked first) to `target`, with its spec as TOML beside it.
+
+    The spec goes to the same name ending in `.toml`: what a person reads and edits.
+    """
+    import tomli_w
+
+    source, target = Path(source), Path(target)
+    saved = read_model(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    target.with_suffix(".toml").write_text(tomli_w.dumps(saved.spec.to_dict()), encoding="utf-8")
+    return target
 
 
 def onnx_bytes(model: TrainedModel) -> bytes:

@@ -84,7 +84,8 @@ async def test_a_failed_job_has_no_result_and_a_missing_node_is_named(tmp_path: 
     requester_dir = status_dir
     # A status saved by a run that stopped while the job ran reads back as lost.
     (requester_dir / "results" / ("ab" * 32) / "status.json").write_text(
-        '{"job_id": "' + "ab" * 32 + '", "name": "x", "model": "mlp", "state": "running", '
+        '{"job_id": "' + "ab" * 32 + '", "created_ms": 1, "name": "x", "model": "mlp", '
+        '"state": "running", '
         '"master": "m", "round": 3, "max_rounds": 9, "accuracy": null, "loss": null, '
         '"evaluated_round": null, "calculations_accepted": 6, "results_paid": 18, '
         '"results_rejected": null, "verified_per_s": 1.0, "paid": false, "spent": null, '

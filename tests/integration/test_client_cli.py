@@ -22,6 +22,7 @@ import onnxruntime
 import pytest
 import torch
 from integration.trained import QUICK_SPEC, digits_accuracy
+from sklearn.datasets import load_digits
 
 from ravenp2p.client import Client
 from ravenp2p.training.model_file import load_model, read_model
@@ -85,6 +86,20 @@ def test_a_script_and_the_command_line_train_and_fetch_a_model(
         images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
         assert torch.equal(load_model(saved)(images), model(images))
         assert status.settle_tx.startswith("0x") and status.accuracy >= 0.95
+
+        # The trained model goes to the marketplace, and answers through it.
+        published = job.publish("digits-demo", license="MIT")
+        assert published["job"] == job.job_id and published["own"]
+        assert [row["name"] for row in client.models("digits")] == ["digits-demo"]
+        digits = np.asarray(load_digits().images[:6], dtype=np.uint8)[:, None]
+        answer = client.infer("digits-demo", digits)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(digits))
+        assert [row["class"] for row in answer["predictions"]] == expected.argmax(1).tolist()
+        np.testing.assert_allclose(answer["outputs"], expected.numpy(), atol=1e-5)
+        assert answer["paid"] == "0"
+        copy = client.fetch_model("digits-demo", tmp_path / "market" / "digits.safetensors")
+        assert read_model(copy).job_id == job.job_id
 
     listed = ravenp2p("jobs", "--json", "--data-dir", data_dir)
     assert listed.returncode == 0, listed.stderr
