@@ -45,7 +45,7 @@ from ravenp2p.identity import NodeIdentity, create_identity, load_or_create_iden
 from ravenp2p.market.role import MarketConfig, ModelCatalog
 from ravenp2p.network.libp2p import Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
-from ravenp2p.node.daemon import RESULTS_FOLDER, data_dir_lock
+from ravenp2p.node.datadir import RESULTS_FOLDER, data_dir_lock
 from ravenp2p.node.node import Node
 from ravenp2p.roles.escrow import job_key, payout_plan, peer_address
 from ravenp2p.roles.faults import ByzantineResults, FaultPool

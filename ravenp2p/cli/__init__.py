@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from ravenp2p.identity import IdentityError
     from ravenp2p.node.config import ConfigError
     from ravenp2p.node.control import ControlError
-    from ravenp2p.node.daemon import DataDirBusy
+    from ravenp2p.node.datadir import DataDirBusy
 
     # Idle OpenMP threads spin by default, stealing cores from the calculations of
     # other processes; must be set before torch is first imported.

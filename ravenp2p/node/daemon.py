@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import trio
 
@@ -18,6 +13,7 @@ from ravenp2p.identity import NodeIdentity, load_or_create_identity
 from ravenp2p.market.role import ModelCatalog
 from ravenp2p.network.libp2p import Libp2pConfig, Libp2pNetwork
 from ravenp2p.node.config import NodeConfig
+from ravenp2p.node.datadir import RESULTS_FOLDER, data_dir_lock
 from ravenp2p.node.metrics import NodeMetrics, is_loopback, metrics_url, serve_metrics
 from ravenp2p.node.node import Node
 from ravenp2p.roles.committee import CommitteeView
@@ -97,30 +93,6 @@ async def open_chain(config: NodeConfig, identity: NodeIdentity) -> Chain:
              deployment.chain_id, chain.address, staked, await chain.balance_of(chain.address),
              ", master candidate" if config.candidate else "")
     return chain
-
-
-class DataDirBusy(RuntimeError):
-    """Another node is already running on this data dir."""
-
-
-LOCK_FILE_NAME = "node.lock"
-RESULTS_FOLDER = "results"
-"""Where a node saves the results of the jobs it submitted (`<job id>/model.safetensors`)."""
-
-
-@contextlib.contextmanager
-def data_dir_lock(data_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the data dir so two daemons never share one key and socket."""
-    Path(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(Path(data_dir) / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataDirBusy(f"another node is already running with data dir {data_dir}") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 async def run_daemon(config: NodeConfig) -> None:
