@@ -157,7 +157,7 @@ class JobHandle:
             return "failed"
         return "cancelled" if reason.startswith("cancelled") else "done"
 
-    def status(self, now: float | None = None) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         """What a person or a script wants to know of the job, as plain JSON data.
 
         Amounts are decimal strings of RAVEN; `spent` is what the accepted work
@@ -166,7 +166,7 @@ class JobHandle:
         spec = self.manifest.spec
         result = self.result
         elapsed = (result.seconds if result is not None
-                   else (trio.current_time() if now is None else now) - self.submitted_at)
+                   else trio.current_time() - self.submitted_at)
         accepted = sum(len(record.accepted) for record in self.rounds)
         paid = sum(min(len(a.workers), spec.redundancy)
                    for record in self.rounds for a in record.accepted)
