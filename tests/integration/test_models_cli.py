@@ -7,7 +7,6 @@ as in the wallet tests. A model the daemon publishes itself runs there.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+from cli_run import cli, cli_json, one_line_error
 from market_models import job_id_for, make_model
 
 from ravenp2p.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, build_parser, command_parsers, main
@@ -66,27 +66,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield node
     finally:
         node.stop()
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run `ravenp2p ARGV...` in this process: exit code, stdout, stderr."""
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
-    code, out, err = cli(capsys, *argv, "--json")
-    assert code == EXIT_OK, err
-    return json.loads(out)
-
-
-def one_line_error(err: str) -> str:
-    """The single error line of a failed command (and proof that there is only one)."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ravenp2p: error: ") and "Traceback" not in err
-    return lines[0].removeprefix("ravenp2p: error: ")
 
 
 def test_every_marketplace_command_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:

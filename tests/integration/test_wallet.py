@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from cli_run import cli, cli_json, one_line_error
 
 from consensus.abi import keccak256
 from consensus.settlement import settle as settle_offchain
@@ -25,7 +26,7 @@ from ravenp2p.chain.base import Deployment
 from ravenp2p.chain.deploy import deploy_contracts, save_deployment
 from ravenp2p.chain.devchain import Anvil, anvil_path
 from ravenp2p.chain.web3chain import Web3Chain
-from ravenp2p.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from ravenp2p.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ravenp2p.identity import NodeIdentity, create_identity
 from ravenp2p.training.spec import format_amount
 from ravenp2p.wallet import utc
@@ -78,27 +79,6 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         save_deployment(deployment, contracts)
         owner = Web3Chain(anvil.w3, deployment, secret)
         yield Net(anvil, deployment, contracts, owner)
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run `ravenp2p ARGV...` in this process: exit code, stdout, stderr."""
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
-    code, out, err = cli(capsys, *argv, "--json")
-    assert code == EXIT_OK, err
-    return json.loads(out)
-
-
-def one_line_error(err: str) -> str:
-    """The single error line of a failed command (and proof that there is only one)."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ravenp2p: error: ") and "Traceback" not in err
-    return lines[0]
 
 
 def test_stake_unstake_and_withdraw_move_raven_between_wallet_and_stake(
@@ -309,7 +289,7 @@ def test_bad_input_gives_one_line_errors_before_touching_the_chain(
                            ("0", "must be more than 0"), ("1e3", "must be a decimal number")):
         code, _, err = cli(capsys, "stake", amount, *no_key)
         assert code == EXIT_USAGE
-        assert one_line_error(err).startswith(f"ravenp2p: error: amount: {reason}")
+        assert one_line_error(err).startswith(f"amount: {reason}")
 
     code, _, err = cli(capsys, "unstake", "1", "--chain", net.anvil.url)
     assert code == EXIT_USAGE
@@ -319,7 +299,7 @@ def test_bad_input_gives_one_line_errors_before_touching_the_chain(
     assert "chain: --chain URL is needed" in one_line_error(err)
     code, _, err = cli(capsys, "wallet", *no_key, "--address", "0x1234")
     assert code == EXIT_USAGE
-    assert one_line_error(err).startswith("ravenp2p: error: address: ")
+    assert one_line_error(err).startswith("address: ")
 
     elsewhere = tmp_path / "elsewhere.json"
     save_deployment(Deployment(net.deployment.chain_id + 1, net.deployment.token,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_run import cli
 from integration.trained import QUICK_SPEC
 
 from ravenp2p.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, build_parser, command_parsers, main
@@ -13,12 +14,6 @@ from ravenp2p.cli.options import DEFAULT_DATA_DIR
 
 COMMANDS = ("node", "keys", "peers", "wallet", "stake", "unstake", "withdraw", "submit",
             "status", "jobs", "fetch", "cancel", "devnet")
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_the_top_level_help_lists_every_command_with_a_line_each(
@@ -105,14 +100,14 @@ def test_a_bad_setting_is_refused_in_one_line_that_names_it(
     config.write_text(text)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    code, out, err = run(capsys, "node", "--config", str(config))
+    code, out, err = cli(capsys, "node", "--config", str(config))
     assert code == EXIT_USAGE
     assert err.startswith("ravenp2p: error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1 and out == ""
 
 
 def test_a_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "--config", str(tmp_path / "none.toml"), "jobs")
+    code, _, err = cli(capsys, "--config", str(tmp_path / "none.toml"), "jobs")
     assert code == EXIT_USAGE and "none.toml: no such file" in err
 
 
@@ -121,7 +116,7 @@ def test_a_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFi
 def test_no_running_node_is_exit_3_in_one_line(
     command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(capsys, *command, "--data-dir", str(tmp_path), "--json")
+    code, out, err = cli(capsys, *command, "--data-dir", str(tmp_path), "--json")
     assert code == EXIT_UNREACHABLE and out == ""
     assert err.strip() == f"ravenp2p: error: no node is running with data dir {tmp_path} " \
                           f"(no {tmp_path / 'control.sock'})"
@@ -132,7 +127,7 @@ def test_an_invalid_job_spec_is_refused_before_any_node_is_asked(
 ) -> None:
     spec = tmp_path / "job.toml"
     spec.write_text(QUICK_SPEC.read_text().replace('loss = "cross_entropy"', 'loss = "hinge"'))
-    code, _, err = run(capsys, "submit", str(spec), "--data-dir", str(tmp_path))
+    code, _, err = cli(capsys, "submit", str(spec), "--data-dir", str(tmp_path))
     assert code == EXIT_USAGE and "loss" in err and len(err.strip().splitlines()) == 1
 
 
@@ -144,9 +139,9 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_keys_print_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "keys", "new", "--data-dir", str(tmp_path), "--json")
+    code, out, _ = cli(capsys, "keys", "new", "--data-dir", str(tmp_path), "--json")
     assert code == EXIT_OK
     created = json.loads(out)
-    code, out, _ = run(capsys, "keys", "show", "--data-dir", str(tmp_path), "--json")
+    code, out, _ = cli(capsys, "keys", "show", "--data-dir", str(tmp_path), "--json")
     assert code == EXIT_OK and json.loads(out) == created
     assert created["address"].startswith("0x") and created["peer_id"].startswith("16U")
