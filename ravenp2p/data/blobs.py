@@ -39,6 +39,7 @@ from typing import Any
 import msgpack
 import trio
 
+from ravenp2p.blocking import run_blocking
 from ravenp2p.data.store import BlobStore, StoreFullError, check_digest, chunk_digests
 from ravenp2p.network.base import Network, NetworkError, PeerInfo, Stream
 from ravenp2p.training.tensors import digest_of
@@ -596,7 +597,7 @@ class BlobService:
         if stored is None:
             return None
         if self.store.root is not None and stored > THREAD_THRESHOLD:
-            return await trio.to_thread.run_sync(self.store.get, digest)
+            return await run_blocking(self.store.get, digest)
         return self.store.get(digest)
 
     async def _run_transfer(self, key: _TransferKey, t: _Transfer) -> None:
@@ -693,7 +694,7 @@ class BlobService:
         stored = True
         try:
             if len(data) > THREAD_THRESHOLD:
-                await trio.to_thread.run_sync(self.store.put_verified, t.digest, data)
+                await run_blocking(self.store.put_verified, t.digest, data)
             else:
                 self.store.put_verified(t.digest, data)
         except (StoreFullError, OSError) as exc:
@@ -778,7 +779,7 @@ class BlobService:
                 want = min(chunk_size, progress.size - index * chunk_size)
                 piece = await reader.exactly(want)
                 if len(piece) > THREAD_THRESHOLD:
-                    got = await trio.to_thread.run_sync(digest_of, piece)
+                    got = await run_blocking(digest_of, piece)
                 else:
                     got = digest_of(piece)
                 if got != ref[index]:
@@ -894,7 +895,7 @@ class BlobService:
             self._listings.move_to_end(key)
             return cached
         if size > THREAD_THRESHOLD:
-            listing = await trio.to_thread.run_sync(
+            listing = await run_blocking(
                 _compute_listing, self.store, digest, chunk_size
             )
         else:

@@ -21,7 +21,6 @@ import binascii
 import contextlib
 import logging
 import os
-import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from ravenp2p.blocking import run_blocking
 from ravenp2p.chain.base import ChainError
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.data.store import StoreFullError
@@ -289,7 +289,7 @@ class ModelCatalog:
                 await self._announce(entry.record)
             if self.catalog.dirty:  # fresher announcements heard: worth keeping too
                 self._save_soon.set()
-            jitter = 0.8 + 0.4 * random.random()
+            jitter = 0.8 + 0.4 * self.node.rng.random()
             await self.node.clock.sleep(self.config.announce_interval_s * jitter)
 
     async def _announce(self, record: ModelRecord, *, dht: bool = True) -> None:
@@ -364,7 +364,7 @@ class ModelCatalog:
                              "account (start it with --chain and --contracts)")
         if name is not None:
             check_name(name)
-        model_file, digest, size = await trio.to_thread.run_sync(
+        model_file, digest, size = await run_blocking(
             _prepare_publication, Path(path), self.files
         )
         name = check_name(name if name is not None else model_file.spec.name)
@@ -446,7 +446,7 @@ class ModelCatalog:
                 raise MarketError(f"could not fetch model {record.name} within "
                                   f"{self.config.fetch_timeout_s:.0f} s") from None
             try:
-                await trio.to_thread.run_sync(_keep_fetched, data, record, path)
+                await run_blocking(_keep_fetched, data, record, path)
             except ModelFileError as exc:
                 with contextlib.suppress(ValueError):
                     self.node.store.delete(record.model)
@@ -652,7 +652,7 @@ class ModelCatalog:
         if out:
             target = _user_path(out)
             try:
-                written = await trio.to_thread.run_sync(copy_model, path, target)
+                written = await run_blocking(copy_model, path, target)
             except OSError as exc:
                 raise RequestRefused(f"out: cannot write {target}: {exc.strerror or exc}") from None
             result["out"], result["spec"] = str(written), str(written.with_suffix(".toml"))

@@ -11,6 +11,7 @@ from consensus.abi import checksum_address
 from ravenp2p.node.control import check_socket_path
 from ravenp2p.node.metrics import DEFAULT_HOST as DEFAULT_METRICS_HOST
 from ravenp2p.node.metrics import check_host, check_port
+from ravenp2p.topics import TopicConfig
 from ravenp2p.wire import WireLimits
 
 
@@ -70,6 +71,8 @@ class NodeConfig:
     metrics_host: str = DEFAULT_METRICS_HOST
     """Address the metrics endpoint listens on: this machine only unless opened up."""
     limits: WireLimits = field(default_factory=WireLimits)
+    topics: TopicConfig = field(default_factory=TopicConfig)
+    """Resync tuning of the reliable topics (simulations of big networks slow it down)."""
 
     def __post_init__(self) -> None:
         if not self.listen:

@@ -28,7 +28,7 @@ from ravenp2p.identity import NodeIdentity, address_of, public_key_of_peer
 from ravenp2p.network.base import Network, NetworkError, PeerInfo, PeerUnreachable
 from ravenp2p.node.config import NodeConfig
 from ravenp2p.node.control import HANDLER_TIMEOUT_S, ControlHandler, ControlOp, serve_control
-from ravenp2p.topics import ReliableTopics, TopicConfig
+from ravenp2p.topics import ReliableTopics
 from ravenp2p.wire import CapabilityRecord, EnvelopeCodec, WireError
 
 CAPABILITY_NAMESPACE = "ravenp2p-cap"
@@ -85,6 +85,7 @@ class Node:
         config: NodeConfig,
         clock: Clock | None = None,
         chain: Chain | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         if network.peer_id != identity.peer_id:
             raise ValueError("the network and the identity belong to different peers")
@@ -98,7 +99,12 @@ class Node:
         # DHT records are re-read many times; their validator checks signatures and
         # freshness but keeps no replay state.
         self._record_codec = EnvelopeCodec(identity, config.limits, now=self.clock.now)
-        self.topics = ReliableTopics(network, self.codec, self.clock, TopicConfig())
+        self.rng = rng or random.Random()
+        """Jitter and sampling; the simulator seeds it so that a run can be repeated exactly."""
+        self.topics = ReliableTopics(
+            network, self.codec, self.clock, config.topics,
+            rng=random.Random(self.rng.getrandbits(64)),
+        )
         self.directory: dict[str, KnownPeer] = {}
         self.joined = trio.Event()
         self._directory_changed = trio.Event()
@@ -249,7 +255,7 @@ class Node:
     async def _announce_loop(self) -> None:
         await self.joined.wait()
         while True:
-            jitter = 0.8 + 0.4 * random.random()
+            jitter = 0.8 + 0.4 * self.rng.random()
             await self.clock.sleep(self.config.announce_interval_s * jitter)
             await self._announce()
 

@@ -42,6 +42,7 @@ from consensus.agreement import compare_tensors
 from consensus.assignment import Candidate, choose_workers
 from consensus.mastership import Mastership, rank_after
 from consensus.voting import AddOutcome, CalculationVote, SignedResult, VoteState, WorkerLedger
+from ravenp2p.blocking import run_blocking
 from ravenp2p.chain.base import ChainError, ContractReverted, Settled
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.network.base import NetworkError, Stream
@@ -926,7 +927,7 @@ class Master:
         trainer = run.trainer
         assert trainer is not None
         update = trainer.apply_changes if run.spec.calculation == "local_steps" else trainer.step
-        weights = await trio.to_thread.run_sync(update, gradients)
+        weights = await run_blocking(update, gradients)
         raw = encode_tensors(weights)
         previous = run.weights_digest
         digest = self.node.store.put(raw)

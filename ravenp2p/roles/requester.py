@@ -28,6 +28,7 @@ import trio
 from consensus.election import rank_masters
 from consensus.mastership import Mastership, Verdict
 from consensus.settlement import MARGIN_PERCENT
+from ravenp2p.blocking import run_blocking
 from ravenp2p.chain.base import ChainError, Deployment
 from ravenp2p.chain.pricing import (
     MAX_PRICE_AGE_S,
@@ -234,10 +235,13 @@ def prepare_job(
     requester: str,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     chain: Deployment | None = None,
+    created_ms: int | None = None,
 ) -> PreparedJob:
     """Load the data, pick the model when `auto`, cut shards, make the initial weights.
 
     `chain` names the deployment that will hold the job's escrow (None: unpaid).
+    `created_ms` (Unix milliseconds, default now) goes into the manifest, so into
+    the job id: the node passes its clock's time, virtual in a simulation.
 
     CPU-bound and blocking: call it in a worker thread.
     """
@@ -261,7 +265,8 @@ def prepare_job(
     manifest = JobManifest(
         spec=spec, data=info, shards=tuple(shards), initial_weights=weights_digest,
         requester=requester, holdout_samples=len(holdout.targets), chunk_size=chunk_size,
-        created_ms=int(time.time() * 1000), chain=chain,
+        created_ms=int(time.time() * 1000) if created_ms is None else created_ms,
+        chain=chain,
     )
     blobs[manifest.job_id] = manifest.encode()
     return PreparedJob(manifest, info, holdout, blobs)
@@ -331,8 +336,9 @@ class Requester:
                      format_amount(usd.price_per_calculation_usd),
                      format_amount(spec.price_per_calculation), format_amount(usd.budget_usd),
                      format_amount(spec.budget))
-        prepared = await trio.to_thread.run_sync(
-            prepare_job, spec, self.node.peer_id, DEFAULT_CHUNK_SIZE, deployment
+        prepared = await run_blocking(
+            prepare_job, spec, self.node.peer_id, DEFAULT_CHUNK_SIZE, deployment,
+            int(self.node.clock.now() * 1000),
         )
         return await self.submit_prepared(prepared, master, timeout, deadline_s=deadline_s)
 
@@ -563,7 +569,7 @@ class Requester:
             digest, providers=list(dict.fromkeys(providers)), timeout=60, announce=False
         )
         weights = decode_tensors(raw)
-        score = await trio.to_thread.run_sync(handle.runtime.evaluate, weights, handle.holdout)
+        score = await run_blocking(handle.runtime.evaluate, weights, handle.holdout)
         return weights, score
 
     async def _evaluate(self, handle: JobHandle, record: RoundRecord) -> None:
@@ -597,7 +603,7 @@ class Requester:
         )
         if self.results_dir is not None:
             try:
-                await trio.to_thread.run_sync(self._save_result, handle)
+                await run_blocking(self._save_result, handle)
             except (OSError, ValueError) as exc:
                 log.error("Could not save the result of job %s: %s", short(handle.job_id), exc)
         handle.finished.set()

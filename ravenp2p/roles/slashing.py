@@ -42,6 +42,7 @@ from consensus.evidence import (
     SlashPolicy,
     build_case,
 )
+from ravenp2p.blocking import run_blocking
 from ravenp2p.chain.base import Chain, ChainError, ContractReverted
 from ravenp2p.data.blobs import BlobError
 from ravenp2p.data.store import check_digest
@@ -503,7 +504,7 @@ class SlashDesk:
                         f"one ({verdict.reason}); honest results may differ that much")
             return ""
 
-        problem = await trio.to_thread.run_sync(compare)
+        problem = await run_blocking(compare)
         if problem:
             raise SlashRefused(problem)
 

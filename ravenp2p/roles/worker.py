@@ -16,6 +16,7 @@ against the root settled on-chain and claims its payout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -70,6 +71,24 @@ JOURNAL_FOLDER = "signed"
 Tensors = dict[str, np.ndarray]
 ResultTamperer = Callable[[CalculationOrder, Tensors], Tensors]
 """Fault injection for devnets and simulations: rewrites a computed gradient before it is signed."""
+Computation = Callable[[], tuple[Tensors, float]]
+"""One calculation, ready to run: returns the result tensors and the loss."""
+Calculator = Callable[[CalculationOrder, Computation], Awaitable[tuple[Tensors, float, float]]]
+"""Runs a calculation for a worker: its tensors, its loss and the seconds it took.
+
+The daemon's (`calculate_in_thread`) computes in a worker thread and measures
+wall time; the simulator computes inline (or reuses the result of an identical
+calculation) and charges virtual time from its cost model.
+"""
+
+
+async def calculate_in_thread(
+    order: CalculationOrder, computation: Computation
+) -> tuple[Tensors, float, float]:
+    """Compute in a worker thread so the node keeps serving its peers; wall-clock seconds."""
+    started = time.perf_counter()
+    gradient, loss = await trio.to_thread.run_sync(computation)
+    return gradient, loss, time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -150,8 +169,10 @@ class Worker:
         config: WorkerConfig | None = None,
         tamper: ResultTamperer | None = None,
         second_result: ResultTamperer | None = None,
+        calculator: Calculator = calculate_in_thread,
     ) -> None:
         self.node = node
+        self.calculator = calculator
         self.config = config or WorkerConfig()
         self.tamper = tamper
         self.second_result = second_result
@@ -339,11 +360,9 @@ class Worker:
                 fetched = time.perf_counter()
                 self.stats.throttled_s += await self._bucket.acquire()
                 async with self._compute_slot:
-                    started = time.perf_counter()
-                    gradient, loss = await trio.to_thread.run_sync(
-                        self._compute, context, weights, shard, order
+                    gradient, loss, compute_s = await self.calculator(
+                        order, functools.partial(self._compute, context, weights, shard, order)
                     )
-                    compute_s = time.perf_counter() - started
             self.stats.computed += 1
             self.stats.compute_s += compute_s
         except (BlobError, NetworkError, DatasetError, TensorFormatError, ValueError) as exc:
