@@ -49,7 +49,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import trio
@@ -149,6 +149,12 @@ class HubStats:
     pubsub_dropped_invalid: int = 0
     requests: int = 0
     streams: int = 0
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+    """Payload bytes put on links, by kind of traffic: pubsub, request, stream, dht."""
+
+    def count_bytes(self, kind: str, nbytes: int) -> None:
+        """Add `nbytes` of `kind` traffic."""
+        self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + nbytes
 
 
 def _sha256_int(text: str) -> int:
@@ -200,6 +206,8 @@ class MemoryHub:
         self.dht_k = dht_k
         self.stats = HubStats()
         self._links: dict[tuple[str, str], LinkModel] = {}
+        self._access: dict[str, LinkModel] = {}
+        self._combined: dict[tuple[str, str], LinkModel] = {}
         self._nodes: dict[str, MemoryNetwork] = {}
         self._by_index: dict[int, MemoryNetwork] = {}
         self._groups: dict[str, int] | None = None
@@ -223,9 +231,43 @@ class MemoryHub:
         if not directed:
             self._links[(pb, pa)] = link
 
+    def set_access_link(self, peer: str | MemoryNetwork, link: LinkModel) -> None:
+        """Give `peer` an access link (its last mile), used for pairs without a `set_link`.
+
+        Traffic between two peers then pays both access latencies and the
+        slower access bandwidth; a gossip hop survives only if neither access
+        link loses it. Simulations of many peers use this: one model per peer
+        instead of one per pair.
+        """
+        pid = _peer_of(peer)
+        self._access[pid] = link
+        if self._combined:
+            self._combined = {k: v for k, v in self._combined.items() if pid not in k}
+
     def link(self, a: str | MemoryNetwork, b: str | MemoryNetwork) -> LinkModel:
         """The model for traffic from `a` to `b`."""
-        return self._links.get((_peer_of(a), _peer_of(b)), self.default_link)
+        key = (_peer_of(a), _peer_of(b))
+        explicit = self._links.get(key)
+        if explicit is not None:
+            return explicit
+        if not self._access:
+            return self.default_link
+        combined = self._combined.get(key)
+        if combined is None:
+            combined = self._combined[key] = self._combine(
+                self._access.get(key[0], self.default_link),
+                self._access.get(key[1], self.default_link),
+            )
+        return combined
+
+    @staticmethod
+    def _combine(up: LinkModel, down: LinkModel) -> LinkModel:
+        rates = [r for r in (up.bandwidth, down.bandwidth) if r is not None]
+        return LinkModel(
+            latency=up.latency + down.latency,
+            bandwidth=min(rates) if rates else None,
+            loss=1.0 - (1.0 - up.loss) * (1.0 - down.loss),
+        )
 
     def partition(self, groups: Iterable[Iterable[str | MemoryNetwork]]) -> None:
         """Split the network: peers talk only within their group.
@@ -299,12 +341,13 @@ class MemoryHub:
         ).digest()
         return int.from_bytes(digest, "big") / 2.0**64
 
-    def _transmit_delay(self, src: MemoryNetwork, dst: str, nbytes: int) -> float:
+    def _transmit_delay(self, src: MemoryNetwork, dst: str, nbytes: int, kind: str) -> float:
         """Seconds from now until `nbytes` sent now from `src` arrive at `dst`.
 
         Reserves the link: a transfer starts when the previous one on the same
-        directed link has finished.
+        directed link has finished. Counts the bytes as `kind` traffic.
         """
+        self.stats.count_bytes(kind, nbytes)
         link = self.link(src.peer_id, dst)
         if link.bandwidth is None or nbytes <= 0:
             return link.latency
@@ -316,6 +359,8 @@ class MemoryHub:
 
     def _one_way(self, src: str, dst: str, nbytes: int = 0) -> float:
         """Latency plus transfer time, without reserving the link (small control messages)."""
+        if nbytes:
+            self.stats.count_bytes("dht", nbytes)
         link = self.link(src, dst)
         return link.latency + link.transfer_time(nbytes)
 
@@ -559,7 +604,7 @@ class MemoryStream:
             if not hub.reachable(self._local.peer_id, self.remote_peer):
                 self._pair.reset("network partition")
                 self._check_reset()
-            delay = hub._transmit_delay(self._local, self.remote_peer, len(chunk))
+            delay = hub._transmit_delay(self._local, self.remote_peer, len(chunk), "stream")
             if pipe.abandoned:
                 continue  # the remote handler has returned: bytes cost link time, then vanish
             pipe.push(trio.current_time() + delay, chunk)
@@ -944,7 +989,7 @@ class MemoryNetwork:
             if loss > 0.0 and hub._hop_draw(msg.key, self.peer_id, peer) < loss:
                 stats.pubsub_dropped_loss += 1
                 continue
-            arrival = trio.current_time() + hub._transmit_delay(self, peer, len(msg.data))
+            arrival = trio.current_time() + hub._transmit_delay(self, peer, len(msg.data), "pubsub")
             node._enqueue_hop(arrival, msg, self)
 
     def _enqueue_hop(self, arrival: float, msg: _Message, sender: MemoryNetwork) -> None:
@@ -1014,7 +1059,7 @@ class MemoryNetwork:
         self._pending[pending] = None
         target._pending[pending] = None
         try:
-            delay = self._hub._transmit_delay(self, peer_id, len(data))
+            delay = self._hub._transmit_delay(self, peer_id, len(data), "request")
             target._spawn(target._serve_request, delay, pending, protocol, data)
             return await pending.wait()
         finally:
@@ -1072,7 +1117,7 @@ class MemoryNetwork:
         if caller not in self._conns:
             pending.fail(NetworkError(f"connection to {self.peer_id} closed"))
             return
-        await trio.sleep(self._hub._transmit_delay(self, caller, len(response)))
+        await trio.sleep(self._hub._transmit_delay(self, caller, len(response), "request"))
         if caller not in self._conns or not self._hub.reachable(self.peer_id, caller):
             pending.fail(NetworkError(f"connection to {self.peer_id} lost"))
         elif error is not None:

@@ -330,6 +330,13 @@ class Master:
         self.slash_desk = SlashDesk(node) if node.chain is not None else None
         self._nursery: trio.Nursery | None = None
 
+    def excluded_workers(self, job_id: str) -> frozenset[str]:
+        """Workers this master stopped assigning to in a job it runs (they lied too often)."""
+        run = self._runs.get(job_id)
+        if run is None:
+            return frozenset()
+        return frozenset(run.excluded | {w for w in run.ledger.records() if run.is_excluded(w)})
+
     @property
     def jobs_dir(self) -> Path:
         return Path(self.node.config.data_dir) / "jobs"

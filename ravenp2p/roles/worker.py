@@ -73,7 +73,9 @@ ResultTamperer = Callable[[CalculationOrder, Tensors], Tensors]
 """Fault injection for devnets and simulations: rewrites a computed gradient before it is signed."""
 Computation = Callable[[], tuple[Tensors, float]]
 """One calculation, ready to run: returns the result tensors and the loss."""
-Calculator = Callable[[CalculationOrder, Computation], Awaitable[tuple[Tensors, float, float]]]
+Calculator = Callable[
+    [JobManifest, CalculationOrder, Computation], Awaitable[tuple[Tensors, float, float]]
+]
 """Runs a calculation for a worker: its tensors, its loss and the seconds it took.
 
 The daemon's (`calculate_in_thread`) computes in a worker thread and measures
@@ -83,7 +85,7 @@ calculation) and charges virtual time from its cost model.
 
 
 async def calculate_in_thread(
-    order: CalculationOrder, computation: Computation
+    manifest: JobManifest, order: CalculationOrder, computation: Computation
 ) -> tuple[Tensors, float, float]:
     """Compute in a worker thread so the node keeps serving its peers; wall-clock seconds."""
     started = time.perf_counter()
@@ -360,8 +362,9 @@ class Worker:
                 fetched = time.perf_counter()
                 self.stats.throttled_s += await self._bucket.acquire()
                 async with self._compute_slot:
+                    computation = functools.partial(self._compute, context, weights, shard, order)
                     gradient, loss, compute_s = await self.calculator(
-                        order, functools.partial(self._compute, context, weights, shard, order)
+                        context.manifest, order, computation
                     )
             self.stats.computed += 1
             self.stats.compute_s += compute_s
