@@ -737,7 +737,7 @@ class ChainState:
         if election is None:
             raise call.revert("EpochNotElected", epoch=epoch)
         current = epoch_of(call.timestamp, self.genesis, self.params.epoch_length)
-        if epoch + 1 < current:
+        if epoch + 2 < current:
             raise call.revert("SlashOrderExpired", epoch=epoch, currentEpoch=current)
         digest = slash_order_digest(self.domain, offender, amount, evidence, epoch)
         if digest in self._orders:

@@ -409,6 +409,12 @@ def load_scenario(path: str | Path) -> Scenario:
     return Scenario.from_dict(data, base_dir=path.parent)
 
 
+def with_redundancy(jobs: Sequence[JobEntry], redundancy: int) -> tuple[JobEntry, ...]:
+    """The same jobs with redundancy R = `redundancy` (for sweeps over R)."""
+    return tuple(replace(entry, spec=replace(entry.spec, redundancy=redundancy))
+                 for entry in jobs)
+
+
 def scenario_path(name: str) -> Path:
     """The file of a shipped scenario."""
     return SCENARIOS_DIR / f"{name}.toml"

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ravenp2p import __version__
-from ravenp2p.cli import devnet, jobs, models, node, wallet
+from ravenp2p.cli import devnet, jobs, models, node, sim, wallet
 from ravenp2p.cli.options import (
     CONFIG_ENV,
     check_top_level_keys,
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.register(commands)
     models.register(commands)
     devnet.register(commands)
+    sim.register(commands)
     return parser
 
 

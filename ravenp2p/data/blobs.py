@@ -41,7 +41,7 @@ import trio
 
 from ravenp2p.blocking import run_blocking
 from ravenp2p.data.store import BlobStore, StoreFullError, check_digest, chunk_digests
-from ravenp2p.network.base import Network, NetworkError, PeerInfo, Stream
+from ravenp2p.network.base import Network, NetworkError, PeerInfo, PeerUnreachable, Stream
 from ravenp2p.training.tensors import digest_of
 
 __all__ = [
@@ -718,6 +718,25 @@ class BlobService:
         return []
 
     async def _open(self, peer: str, addrs: tuple[str, ...]) -> Stream:
+        """A blob stream to `peer`: dialled at `addrs`, else wherever the DHT says it is."""
+        network = self.network
+        await self._dial(peer, addrs)
+        try:
+            return await network.open_bulk_stream(peer, BLOB_PROTOCOL, OPEN_TIMEOUT)
+        except PeerUnreachable:
+            if addrs or peer in network.connected_peers():
+                raise
+        # A provider named by peer id only (the requester, the master) that this node has
+        # no address for: look it up, as a node does for any peer it has never met.
+        info = None
+        with trio.move_on_after(LOOKUP_TIMEOUT + 1.0):
+            info = await network.find_peer(peer, LOOKUP_TIMEOUT)
+        if info is None or not info.addrs:
+            raise PeerUnreachable(f"{peer}: not connected, and the DHT knows no address")
+        await self._dial(peer, tuple(info.addrs))
+        return await network.open_bulk_stream(peer, BLOB_PROTOCOL, OPEN_TIMEOUT)
+
+    async def _dial(self, peer: str, addrs: tuple[str, ...]) -> None:
         network = self.network
         if addrs and peer not in network.connected_peers():
             suffix = f"/p2p/{peer}"
@@ -729,7 +748,6 @@ class BlobService:
                     break
                 except (NetworkError, ValueError, OSError) as exc:
                     logger.debug("dialing provider %s at %s failed: %s", peer, addr, exc)
-        return await network.open_bulk_stream(peer, BLOB_PROTOCOL, OPEN_TIMEOUT)
 
     async def _attempt(
         self, peer: str, addrs: tuple[str, ...], t: _Transfer, progress: _Progress
