@@ -239,7 +239,9 @@ class ChainState:
     than the previous block). The registry's genesis, which epochs count
     from, is the clock when the state is created. Fees are the escrow's
     constants (`consensus.settlement`); `usd_per_raven` deploys a RAVEN/USD
-    feed with that first answer (`PRICE_FEED_DECIMALS` decimals), None none.
+    feed with that first answer (`PRICE_FEED_DECIMALS` decimals); None: no feed.
+    Helpers outside the `Chain` interface: `mint`, `set_usd_price`, `balance`,
+    `balances`, `total_supply`, `timestamp`, `block_number`, `block_hash`.
     """
 
     def __init__(
@@ -737,7 +739,7 @@ class ChainState:
         if election is None:
             raise call.revert("EpochNotElected", epoch=epoch)
         current = epoch_of(call.timestamp, self.genesis, self.params.epoch_length)
-        if epoch + 2 < current:
+        if epoch + 1 < current:
             raise call.revert("SlashOrderExpired", epoch=epoch, currentEpoch=current)
         digest = slash_order_digest(self.domain, offender, amount, evidence, epoch)
         if digest in self._orders:

@@ -18,11 +18,12 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
     from sims.metrics import Result
@@ -90,7 +91,8 @@ def plot_accuracy(result: Result) -> Figure:
         done = next((_num(r.get("t")) for r in rows if r.get("state") == "done"), None)
         if done is not None and accuracy:
             ax.axvline(done, color=colour, alpha=0.3, linewidth=1)
-    if silent:
+    _crash_lines(ax, result)
+    if silent and len(silent) < len(jobs):
         ax.text(0.01, 0.01, "no accuracy or loss yet: " + ", ".join(silent),
                 transform=ax.transAxes, fontsize=8, va="bottom")
     if not any(_points(rows, "t", "accuracy") for rows in jobs.values()):
@@ -113,6 +115,7 @@ def plot_throughput(result: Result) -> Figure:
         _note(ax, "no series samples recorded")
         return figure
     _line(ax, points, label="per sample interval", colour="tab:green")
+    _crash_lines(ax, result)
     mean = _num(result.summary.get("verified_per_s"))
     if mean is not None:
         ax.axhline(mean, color="grey", linestyle="--", linewidth=1,
@@ -135,6 +138,7 @@ def plot_utilisation(result: Result) -> Figure:
         _note(ax, "no series samples recorded")
         return figure
     _line(ax, utilisation, label="utilisation", colour="tab:blue")
+    _crash_lines(ax, result)
     top = max([1.0, *(v for _, v in utilisation)])
     ax.set_ylim(0.0, top * 1.05)
     live_ax = ax.twinx()
@@ -142,6 +146,7 @@ def plot_utilisation(result: Result) -> Figure:
     if live:
         _line(live_ax, live, label="live workers", colour="tab:orange", step=True)
         live_ax.set_ylim(0.0, max(1.0, max(v for _, v in live)) * 1.1)
+    live_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     _legend(ax, live_ax)
     return figure
 
@@ -168,7 +173,7 @@ def plot_bytes(result: Result) -> Figure:
     else:
         ax.stackplot(times, *stacks, labels=labels, alpha=0.85)
     ax.set_ylim(bottom=0.0)
-    _legend(ax, location="upper left")
+    _legend(ax, location="upper left", reverse=True)
     return figure
 
 
@@ -184,6 +189,7 @@ def plot_rejections(result: Result) -> Figure:
         _line(left, rejected, label="rejected", colour="tab:orange", step=True)
         _line(left, bad, label="accepted bad", colour=BYZANTINE_COLOUR, step=True)
         left.set_ylim(bottom=0.0)
+        left.yaxis.set_major_locator(MaxNLocator(integer=True))
         _legend(left)
     else:
         _note(left, "no series samples recorded")
@@ -194,21 +200,20 @@ def plot_rejections(result: Result) -> Figure:
     delays = [d for d in (_delay(w) for w in attackers) if d is not None]
     wrongly = sum(1 for w in result.workers
                   if not _truthy(w.get("byzantine")) and _num(w.get("excluded_at")) is not None)
+    also = f"; honest workers excluded: {wrongly}" if wrongly else ""
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
     if not attackers:
-        right.set_title("detection delay", fontsize=10)
+        right.set_title("detection delay" + also, fontsize=10)
         _note(right, "no byzantine workers")
     elif not delays:
-        right.set_title("detection delay", fontsize=10)
+        right.set_title("detection delay" + also, fontsize=10)
         _note(right, f"{len(attackers)} byzantine workers, none excluded")
     else:
         mean = sum(delays) / len(delays)
         right.set_title(f"detection delay: mean {mean:.3g} s, "
-                        f"{len(delays)}/{len(attackers)} excluded", fontsize=10)
+                        f"{len(delays)}/{len(attackers)} excluded{also}", fontsize=10)
         right.hist(delays, bins=_bins(delays), color=BYZANTINE_COLOUR, edgecolor="black")
         right.axvline(mean, color="black", linestyle="--", linewidth=1)
-    if wrongly:
-        right.text(0.99, 0.97, f"honest workers excluded: {wrongly}", transform=right.transAxes,
-                   ha="right", va="top", fontsize=8)
     return figure
 
 
@@ -241,6 +246,7 @@ def plot_payouts(result: Result) -> Figure:
     right.set_title("earnings per worker", fontsize=10)
     right.set_xlabel("earned (RAVEN)")
     right.set_ylabel("workers (count)")
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
     honest = [_num(w.get("earned_raven")) or 0.0 for w in result.workers
               if not _truthy(w.get("byzantine"))]
     attackers = [_num(w.get("earned_raven")) or 0.0 for w in result.workers
@@ -272,6 +278,8 @@ def plot_attackers(result: Result) -> Figure:
     what = (f"attackers: earned {earned_total:.4g} RAVEN, "
             f"slashed {slashed_total:.4g} RAVEN in total")
     figure, ax = _single(result, what)
+    ax.set_xlabel("byzantine worker (peer id, last characters; * excluded)")
+    ax.set_ylabel("RAVEN")
     if not attackers:
         ax.set_title(_title(result, "attackers"))
         ax.set_xticks([])
@@ -293,10 +301,9 @@ def plot_attackers(result: Result) -> Figure:
            label="earned")
     ax.bar([p + width / 2 for p in positions], slashed, width=width, color=BYZANTINE_COLOUR,
            label="stake slashed")
-    ax.set_xticks(positions, [_peer(w.get("peer_id")) for w in attackers],
-                  rotation=45 if len(attackers) > 8 else 0, fontsize=8)
-    ax.set_xlabel("byzantine worker (peer id, last characters)")
-    ax.set_ylabel("RAVEN")
+    labels = [_peer(w.get("peer_id")) + ("*" if _num(w.get("excluded_at")) is not None else "")
+              for w in attackers]
+    ax.set_xticks(positions, labels, rotation=45 if len(attackers) > 8 else 0, fontsize=8)
     ax.set_ylim(bottom=0.0)
     _legend(ax)
     return figure
@@ -425,8 +432,13 @@ def _line(ax: Axes, points: Sequence[tuple[float, float]], *, label: str, colour
         ax.plot(xs, ys, label=label, color=colour, linestyle=style, marker=marker)
 
 
-def _legend(*axes: Axes | None, location: str = "best") -> None:
-    """One legend on the first axis, gathering the labelled lines of all (twin axes too)."""
+def _legend(*axes: Axes | None, location: Literal["best", "upper left"] = "best",
+            reverse: bool = False) -> None:
+    """One legend gathering the labelled lines of all `axes` (twin axes too).
+
+    With a twin axis it goes below the plot, where neither axis's lines can hide
+    under it or cross it.
+    """
     present = [ax for ax in axes if ax is not None]
     handles: list[Any] = []
     labels: list[str] = []
@@ -434,8 +446,24 @@ def _legend(*axes: Axes | None, location: str = "best") -> None:
         more_handles, more_labels = ax.get_legend_handles_labels()
         handles += more_handles
         labels += more_labels
-    if present and handles:
+    if reverse:
+        handles, labels = handles[::-1], labels[::-1]
+    if not present or not handles:
+        return
+    if len(present) == 1:
         present[0].legend(handles, labels, loc=location, fontsize=8)
+        return
+    present[-1].legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.12),
+                       ncol=min(4, len(handles)), fontsize=8, frameon=False)
+
+
+def _crash_lines(ax: Axes, result: Result) -> None:
+    """Faint vertical lines where masters crashed, to read dips against."""
+    crashes = [c for c in _list(result.summary.get("master_crashes")) if isinstance(c, dict)]
+    times = [t for t in (_num(c.get("at")) for c in crashes) if t is not None]
+    for index, at in enumerate(times):
+        ax.axvline(at, color=BYZANTINE_COLOUR, alpha=0.4, linestyle=":",
+                   label="master crash" if index == 0 else None)
 
 
 # --- data ---------------------------------------------------------------------------------
