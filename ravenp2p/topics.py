@@ -56,6 +56,11 @@ class TopicConfig:
     """Tuning of the reliable-topic layer."""
 
     sync_interval_s: float = 1.0
+    max_sync_interval_s: float | None = None
+    """Back-off for quiet topics (Trickle-style): each resync of a topic that brought
+    nothing new and saw no new message doubles its interval, up to this; any new
+    message brings it back to `sync_interval_s`. None: no back-off. Big networks need
+    it: thousands of idle subscribers would otherwise resync every second."""
     sync_fanout: int = 2
     sync_timeout_s: float = 5.0
     retention_s: float = 240.0
@@ -71,6 +76,10 @@ class TopicConfig:
     def __post_init__(self) -> None:
         if self.sync_interval_s <= 0 or self.sync_timeout_s <= 0:
             raise ValueError("sync_interval_s and sync_timeout_s must be positive")
+        if self.max_sync_interval_s is not None and not (
+            self.max_sync_interval_s >= self.sync_interval_s
+        ):
+            raise ValueError("max_sync_interval_s must be at least sync_interval_s")
         if self.sync_fanout < 1:
             raise ValueError("sync_fanout must be at least 1")
         if not 0 < self.max_messages_per_topic <= 65_536:
@@ -101,6 +110,12 @@ class _Topic:
     subscribers: list[trio.MemorySendChannel[Envelope]] = field(default_factory=list)
     gossip: Subscription | None = None
     stats: TopicStats = field(default_factory=TopicStats)
+    interval: float = 0.0
+    """Current resync interval (seconds); 0 until the first resync."""
+    next_sync: float = 0.0
+    """Clock time of the next resync."""
+    pulled_at_sync: int = 0
+    """Messages pulled by resyncs when the last one ended: more since means gossip missed some."""
 
 
 class ReliableTopics:
@@ -132,6 +147,7 @@ class ReliableTopics:
         self._topics: dict[str, _Topic] = {}
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
+        self._forced = False
         self._pulling_back: set[tuple[str, str]] = set()
         self._verified: OrderedDict[bytes, Envelope] = OrderedDict()
 
@@ -178,6 +194,7 @@ class ReliableTopics:
         envelope = self.codec.open(raw, context=topic)
         state = self._topic(topic)
         self._accept(state, message_id(raw), envelope)
+        self._hurry(state)
         try:
             await self.network.publish(topic, raw)
         except NetworkError as exc:
@@ -195,6 +212,11 @@ class ReliableTopics:
 
     def sync_soon(self) -> None:
         """Resync now rather than at the next interval (e.g. right after joining)."""
+        self._forced = True
+        self._wake.set()
+
+    def _wake_soon(self) -> None:
+        """A topic's next resync moved earlier: let the loop recompute its wait."""
         self._wake.set()
 
     def stats(self, topic: str) -> TopicStats:
@@ -275,18 +297,43 @@ class ReliableTopics:
     async def _sync_loop(self) -> None:
         interval = self.config.sync_interval_s
         while True:
-            with trio.move_on_after(interval * (0.75 + 0.5 * self._rng.random())):
+            now = self.clock.now()
+            due = [s.next_sync for s in self._topics.values() if s.subscribers and s.interval]
+            wait = min(due, default=now + interval) - now
+            with trio.move_on_after(max(0.0, min(wait, interval * 1.25))):
                 await self._wake.wait()
+            forced, self._forced = self._forced, False
             self._wake = trio.Event()
+            now = self.clock.now()
             for state in list(self._topics.values()):
                 self._expire(state)
-                if not state.subscribers:
+                if not state.subscribers or (not forced and state.next_sync > now):
                     continue
                 peers = self.network.topic_peers(state.name) or self.network.connected_peers()
                 chosen = self._rng.sample(peers, min(self.config.sync_fanout, len(peers)))
                 async with trio.open_nursery() as nursery:
                     for peer in chosen:
                         nursery.start_soon(self._pull, state, peer)
+                self._schedule(state)
+
+    def _schedule(self, state: _Topic) -> None:
+        """When to resync `state` next (Trickle-style): at the base interval after a resync
+        that found messages gossip had missed, twice as late after one that found none."""
+        low = self.config.sync_interval_s
+        high = self.config.max_sync_interval_s or low
+        quiet = state.stats.pulled == state.pulled_at_sync
+        state.pulled_at_sync = state.stats.pulled
+        state.interval = min(high, state.interval * 2) if quiet and state.interval else low
+        state.next_sync = self.clock.now() + state.interval * (0.75 + 0.5 * self._rng.random())
+
+    def _hurry(self, state: _Topic) -> None:
+        """This node published on `state`: resync soon, so neighbours that gossip missed
+        pull the message back (a resync request shows what the requester holds)."""
+        low = self.config.sync_interval_s
+        if state.interval > low:
+            state.interval = low
+            state.next_sync = min(state.next_sync, self.clock.now() + low)
+            self._wake_soon()
 
     async def _pull(self, state: _Topic, peer: str) -> None:
         """Ask `peer` for what we lack, again while it says more is waiting (bounded)."""

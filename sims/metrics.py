@@ -100,6 +100,7 @@ class Recorder:
         self._last_accepted = 0
         self._last_t = 0.0
         self._takeovers_seen: set[tuple[str, int]] = set()
+        self._crashes_seen = 0
 
     def event(self, kind: str, peer: str = "", job: str = "", detail: str = "") -> None:
         """Note something that happened now (a crash, a takeover, an exclusion)."""
@@ -131,10 +132,10 @@ class Recorder:
             if handle.result is not None:
                 rejected += handle.result.done.results_rejected
                 continue
-            for peer in self.world.masters:
+            for peer in self.world.masters:  # the job's current master only
                 status = _master(peer.role).jobs.get(handle.job_id)
-                if status is not None and peer.alive:
-                    rejected = rejected + status.results_rejected
+                if status is not None and peer.alive and peer.peer_id == handle.master:
+                    rejected += status.results_rejected
         return rejected
 
     def _note_exclusions(self) -> None:
@@ -150,6 +151,13 @@ class Recorder:
                         self.excluded_at[worker] = now
                         self.event("excluded", worker, handle.job_id,
                                    "byzantine" if worker in byzantine else "honest")
+
+    def _note_crashes(self) -> None:
+        for crash in self.world.crashes[self._crashes_seen:]:
+            self.events.append({"t": round(crash.crashed_at, 3), "kind": "crash",
+                                "peer": crash.master, "job": crash.job or "",
+                                "detail": "master killed without a word"})
+        self._crashes_seen = len(self.world.crashes)
 
     def _note_takeovers(self) -> None:
         for handle in self.world.jobs:
@@ -169,6 +177,7 @@ class Recorder:
         world = self.world
         now = trio.current_time()
         self._note_exclusions()
+        self._note_crashes()
         self._note_takeovers()
         live = world.live_workers()
         accepted, bad = self._accepted_counts()
@@ -197,9 +206,9 @@ class Recorder:
         for handle in world.jobs:
             status = handle.status()
             self.job_series.append({
-                "t": round(now, 3), "job": handle.job_id[:12], "name": status["name"],
+                "t": round(now, 3), "job": handle.job_id, "name": status["name"],
                 "state": status["state"], "round": status["round"],
-                "accuracy": status["accuracy"], "loss": status["loss"],
+                "accuracy": finite(status["accuracy"]), "loss": finite(status["loss"]),
                 "accepted": status["calculations_accepted"],
             })
 

@@ -166,6 +166,11 @@ class NetworkSettings:
     dht_k: int = 8
     announce_interval_s: float = 20.0
     topic_sync_interval_s: float = 1.0
+    topic_sync_max_interval_s: float | None = None
+    """Quiet topics resync less and less often, down to this (None: always the interval)."""
+    worker_directory: bool = True
+    """Whether workers keep a directory of every peer (read the peers topic). Masters and
+    requesters always do; big networks turn it off for workers."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,8 @@ class Scenario:
     """How long a master waits for a worker's result before staffing another worker."""
     master_timeout_s: int = 10
     """The escrow's master timeout: silence after which the next-ranked master takes a job."""
+    master_heartbeat_s: float = 1.0
+    """How often a master says on a job's topic that it is alive (failover watches it)."""
 
     def __post_init__(self) -> None:
         check = _Checker()
@@ -279,6 +286,11 @@ class Scenario:
             raise ScenarioError("network.loss", "a probability cannot exceed 1")
         check.positive("network.announce_interval_s", net.announce_interval_s)
         check.positive("network.topic_sync_interval_s", net.topic_sync_interval_s)
+        if net.topic_sync_max_interval_s is not None and not (
+            net.topic_sync_interval_s <= net.topic_sync_max_interval_s <= 24 * 3600
+        ):
+            raise ScenarioError("network.topic_sync_max_interval_s",
+                                "must be between topic_sync_interval_s and a day")
         compute = self.compute
         if compute.mode not in COMPUTE_MODES:
             raise ScenarioError("compute.mode", f"must be one of {', '.join(COMPUTE_MODES)}, "
@@ -300,14 +312,14 @@ class Scenario:
         check.fraction("churn.leave_per_hour", churn.leave_per_hour, maximum=60.0)
         check.fraction("churn.join_per_hour", churn.join_per_hour, maximum=60.0)
         check.fraction("churn.crash_fraction", churn.crash_fraction)
-        check.fraction("churn.start_s", churn.start_s, maximum=self.duration_s)
+        check.fraction("churn.start_s", churn.start_s, maximum=math.inf)
         byz = self.byzantine
         check.fraction("byzantine.fraction", byz.fraction, maximum=0.95)
         if byz.strategy not in STRATEGIES:
             raise ScenarioError("byzantine.strategy",
                                 f"must be one of {', '.join(STRATEGIES)}, got {byz.strategy!r}")
         for i, crash in enumerate(self.master_crashes):
-            check.fraction(f"master_crashes[{i}].at_s", crash.at_s, maximum=self.duration_s)
+            check.fraction(f"master_crashes[{i}].at_s", crash.at_s, maximum=math.inf)
             if crash.target not in CRASH_TARGETS:
                 raise ScenarioError(f"master_crashes[{i}].target",
                                     f"must be one of {', '.join(CRASH_TARGETS)}")
@@ -316,14 +328,16 @@ class Scenario:
                                 f"leave none of the {net.masters} masters")
         for i, job in enumerate(self.jobs):
             check.positive(f"jobs[{i}].reference_seconds", job.reference_seconds)
-            check.fraction(f"jobs[{i}].submit_at_s", job.submit_at_s, maximum=self.duration_s)
+            check.fraction(f"jobs[{i}].submit_at_s", job.submit_at_s, maximum=math.inf)
             check.count(f"jobs[{i}].count", job.count, 1, 10_000)
-            check.fraction(f"jobs[{i}].every_s", job.every_s, maximum=self.duration_s)
+            check.fraction(f"jobs[{i}].every_s", job.every_s, maximum=math.inf)
             if job.spec.redundancy > net.workers:
                 raise ScenarioError(f"jobs[{i}].spec.redundancy", f"R = {job.spec.redundancy} "
                                     f"needs at least as many workers ({net.workers})")
         check.positive("result_deadline_s", self.result_deadline_s, maximum=3600)
         check.count("master_timeout_s", self.master_timeout_s, 5, 3600)
+        check.positive("master_heartbeat_s", self.master_heartbeat_s,
+                       maximum=self.master_timeout_s / 2)
 
     @property
     def peers(self) -> int:
@@ -340,14 +354,15 @@ class Scenario:
         top = _table("scenario", data, ("name", "description", "duration_s", "seed",
                                         "sample_every_s", "network", "compute", "stake",
                                         "churn", "byzantine", "master_crashes", "jobs",
-                                        "result_deadline_s", "master_timeout_s"))
+                                        "result_deadline_s", "master_timeout_s",
+                                        "master_heartbeat_s"))
         name = top.get("name")
         if not isinstance(name, str):
             raise ScenarioError("name", "a scenario needs a name (a string)")
         kwargs: dict[str, Any] = {"name": name}
         if "description" in top:
             kwargs["description"] = _string("description", top["description"])
-        for key in ("duration_s", "sample_every_s", "result_deadline_s"):
+        for key in ("duration_s", "sample_every_s", "result_deadline_s", "master_heartbeat_s"):
             if key in top:
                 kwargs[key] = _number(key, top[key])
         for key in ("seed", "master_timeout_s"):
@@ -438,7 +453,8 @@ class _Checker:
 
     def fraction(self, setting: str, value: float, maximum: float = 1.0) -> None:
         if not (math.isfinite(value) and 0 <= value <= maximum):
-            raise ScenarioError(setting, f"must be between 0 and {maximum:g}, got {value!r}")
+            bounds = "a number >= 0" if maximum == math.inf else f"between 0 and {maximum:g}"
+            raise ScenarioError(setting, f"must be {bounds}, got {value!r}")
 
     def count(self, setting: str, value: int, low: int, high: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -486,6 +502,12 @@ def _integer(setting: str, value: object) -> int:
     return value
 
 
+def _boolean(setting: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ScenarioError(setting, f"must be true or false, got {value!r}")
+    return value
+
+
 def _string(setting: str, value: object) -> str:
     if not isinstance(value, str):
         raise ScenarioError(setting, f"must be a string, got {value!r}")
@@ -501,7 +523,8 @@ def _list(setting: str, value: object) -> list[object]:
 def _parse_network(data: object) -> NetworkSettings:
     table = _table("network", data, ("masters", "requesters", "workers", "degree", "latency_ms",
                                      "bandwidth_mbps", "loss", "dht_k", "announce_interval_s",
-                                     "topic_sync_interval_s"))
+                                     "topic_sync_interval_s", "topic_sync_max_interval_s",
+                                     "worker_directory"))
     kwargs: dict[str, Any] = {}
     for key in ("masters", "requesters", "workers", "degree", "dht_k"):
         if key in table:
@@ -509,9 +532,12 @@ def _parse_network(data: object) -> NetworkSettings:
     for key in ("latency_ms", "bandwidth_mbps", "loss"):
         if key in table:
             kwargs[key] = Distribution.parse(f"network.{key}", table[key])
-    for key in ("announce_interval_s", "topic_sync_interval_s"):
+    for key in ("announce_interval_s", "topic_sync_interval_s", "topic_sync_max_interval_s"):
         if key in table:
             kwargs[key] = _number(f"network.{key}", table[key])
+    if "worker_directory" in table:
+        kwargs["worker_directory"] = _boolean("network.worker_directory",
+                                              table["worker_directory"])
     return NetworkSettings(**kwargs)
 
 

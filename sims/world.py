@@ -142,13 +142,23 @@ class World:
             loss=min(1.0, net.loss.sample(self.rng)),
         )
 
+    def _bootstrap(self) -> tuple[str, ...]:
+        """A live master to join through (new peers spread over them), or none for the first."""
+        alive = [m for m in self.masters if m.alive and m.node.network.listen_addrs]
+        if not alive:
+            return ()
+        return (alive[len(self.peers) % len(alive)].node.network.listen_addrs[0],)
+
     def _node(self, identity: NodeIdentity, kind: str, share: int) -> Node:
         net = self.scenario.network
         config = NodeConfig(
             data_dir=self.data_dir / f"peer{len(self.peers)}", share=share,
+            bootstrap=self._bootstrap(),
             consent=share > 0, control=False, announce_interval_s=net.announce_interval_s,
             peer_expiry_s=max(90.0, 4.5 * net.announce_interval_s),
-            topics=TopicConfig(sync_interval_s=net.topic_sync_interval_s),
+            follow_peers=kind != "worker" or net.worker_directory,
+            topics=TopicConfig(sync_interval_s=net.topic_sync_interval_s,
+                               max_sync_interval_s=net.topic_sync_max_interval_s),
         )
         network = MemoryNetwork(self.hub, identity)
         self.hub.set_access_link(identity.peer_id, self._link())
@@ -166,7 +176,8 @@ class World:
         await chain.stake(stake)
         await chain.become_candidate()
         config = MasterConfig(result_deadline_s=self.scenario.result_deadline_s,
-                              worker_wait_s=300.0)
+                              worker_wait_s=300.0,
+                              heartbeat_interval_s=self.scenario.master_heartbeat_s)
         peer = SimPeer(len(self.peers), "master", identity, node, Master(node, config),
                        stake=stake)
         await self._start(peer)
@@ -235,7 +246,7 @@ class World:
         peer.joined_at = trio.current_time()
         self.peers.append(peer)
         await self._nursery.start(self._run_peer, peer)
-        await self._connect(peer)
+        self._nursery.start_soon(self._connect, peer)
 
     async def _run_peer(self, peer: SimPeer, *, task_status: trio.TaskStatus[None]) -> None:
         network = peer.node.network
@@ -244,12 +255,22 @@ class World:
             await peer.node.run(task_status=task_status)
 
     async def _connect(self, peer: SimPeer) -> None:
-        """Dial every master (they must reach their workers) and `degree` random live peers."""
-        others = [p for p in self.peers if p.alive and p is not peer]
-        targets = [m for m in self.masters if m.alive and m is not peer]
-        pool = [p for p in others if p.kind != "master"]
-        extra = self.scenario.network.degree
-        targets += self.rng.sample(pool, min(extra, len(pool)))
+        """Dial a few random live peers; a worker also dials every master (they assign to
+        the workers they are connected to). The node itself joins through its bootstrap
+        master and announces itself there.
+
+        Masters and requesters link up with `degree` others of their kind, not all:
+        they relay the peers topic, and a clique would carry every announcement over
+        each of its edges.
+        """
+        degree = self.scenario.network.degree
+        if peer.kind == "worker":
+            targets = [m for m in self.masters if m.alive]
+            pool = [p for p in self.workers if p.alive and p is not peer]
+        else:
+            targets = []
+            pool = [p for p in (*self.masters, *self.requesters) if p.alive and p is not peer]
+        targets += self.rng.sample(pool, min(degree, len(pool)))
         for target in targets:
             addrs = target.node.network.listen_addrs
             if not addrs:
@@ -258,7 +279,6 @@ class World:
                 await peer.node.network.connect(addrs[0], timeout=10.0)
             except Exception as exc:  # a peer that left meanwhile; churn is expected
                 log.debug("Could not connect %d to %d: %s", peer.index, target.index, exc)
-        peer.node.topics.sync_soon()
 
     # --- running ----------------------------------------------------------------------
     async def populate(self, nursery: trio.Nursery) -> None:

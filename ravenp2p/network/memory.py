@@ -84,6 +84,7 @@ __all__ = [
     "MemoryStream",
     "MemorySubscription",
     "RequestTooLarge",
+    "parse_memory_addr",
 ]
 
 MiB = 1024 * 1024
@@ -151,6 +152,8 @@ class HubStats:
     streams: int = 0
     bytes_sent: dict[str, int] = field(default_factory=dict)
     """Payload bytes put on links, by kind of traffic: pubsub, request, stream, dht."""
+    topic_bytes: dict[str, int] = field(default_factory=dict)
+    """Pubsub bytes put on links, by topic."""
 
     def count_bytes(self, kind: str, nbytes: int) -> None:
         """Add `nbytes` of `kind` traffic."""
@@ -173,7 +176,7 @@ def _namespace(key: str) -> str:
     return parts[1]
 
 
-def _parse_addr(addr: str) -> tuple[int, str]:
+def parse_memory_addr(addr: str) -> tuple[int, str]:
     """`/memory/<n>/p2p/<peer id>` -> (n, peer id)."""
     parts = addr.split("/")
     if (
@@ -207,6 +210,8 @@ class MemoryHub:
         self.stats = HubStats()
         self._links: dict[tuple[str, str], LinkModel] = {}
         self._access: dict[str, LinkModel] = {}
+        self._topic_members: dict[str, dict[str, None]] = {}
+        """Topic -> running nodes subscribed to it, so a hop looks only at those neighbours."""
         self._combined: dict[tuple[str, str], LinkModel] = {}
         self._nodes: dict[str, MemoryNetwork] = {}
         self._by_index: dict[int, MemoryNetwork] = {}
@@ -237,12 +242,12 @@ class MemoryHub:
         Traffic between two peers then pays both access latencies and the
         slower access bandwidth; a gossip hop survives only if neither access
         link loses it. Simulations of many peers use this: one model per peer
-        instead of one per pair.
+        instead of one per pair. Set it before the peer sends anything.
         """
         pid = _peer_of(peer)
-        self._access[pid] = link
-        if self._combined:
+        if pid in self._access and self._combined:  # a change: forget combinations with it
             self._combined = {k: v for k, v in self._combined.items() if pid not in k}
+        self._access[pid] = link
 
     def link(self, a: str | MemoryNetwork, b: str | MemoryNetwork) -> LinkModel:
         """The model for traffic from `a` to `b`."""
@@ -807,7 +812,7 @@ class MemoryNetwork:
     async def connect(self, addr: str, timeout: float = 10.0) -> str:
         """Dial `/memory/<n>/p2p/<peer id>`; costs one round trip."""
         self._require_running()
-        index, peer_id = _parse_addr(addr)
+        index, peer_id = parse_memory_addr(addr)
         if peer_id == self.peer_id:
             raise ValueError("refusing to connect to ourselves")
         target = self._hub._by_index.get(index)
@@ -895,6 +900,7 @@ class MemoryNetwork:
         self._require_running()
         sub = MemorySubscription(self, topic)
         self._subs.setdefault(topic, []).append(sub)
+        self._hub._topic_members.setdefault(topic, {})[self.peer_id] = None
         return sub
 
     def _unsubscribe(self, sub: MemorySubscription) -> None:
@@ -903,10 +909,22 @@ class MemoryNetwork:
             subs.remove(sub)
             if not subs:
                 del self._subs[sub.topic]
+                members = self._hub._topic_members.get(sub.topic)
+                if members is not None:
+                    members.pop(self.peer_id, None)
 
     def topic_peers(self, topic: str) -> list[str]:
-        nodes = self._hub._nodes
-        return [p for p in self._conns if p in nodes and topic in nodes[p]._subs]
+        return list(self._subscribed_neighbours(topic))
+
+    def _subscribed_neighbours(self, topic: str) -> Iterable[str]:
+        """Connected peers subscribed to `topic`, looking only at the smaller of the two sets."""
+        members = self._hub._topic_members.get(topic)
+        if not members:
+            return ()
+        conns = self._conns
+        if len(members) < len(conns):
+            return [p for p in members if p in conns and p != self.peer_id]
+        return [p for p in conns if p in members]
 
     async def publish(self, topic: str, data: bytes) -> None:
         """Deliver locally (when subscribed) and flood to subscribed neighbours."""
@@ -975,7 +993,7 @@ class MemoryNetwork:
     def _forward(self, msg: _Message, exclude: str) -> None:
         hub = self._hub
         stats = hub.stats
-        for peer in list(self._conns):
+        for peer in self._subscribed_neighbours(msg.topic):
             if peer == exclude or peer == msg.source:
                 continue
             node = hub._nodes.get(peer)
@@ -989,7 +1007,9 @@ class MemoryNetwork:
             if loss > 0.0 and hub._hop_draw(msg.key, self.peer_id, peer) < loss:
                 stats.pubsub_dropped_loss += 1
                 continue
-            arrival = trio.current_time() + hub._transmit_delay(self, peer, len(msg.data), "pubsub")
+            size = len(msg.data)
+            stats.topic_bytes[msg.topic] = stats.topic_bytes.get(msg.topic, 0) + size
+            arrival = trio.current_time() + hub._transmit_delay(self, peer, size, "pubsub")
             node._enqueue_hop(arrival, msg, self)
 
     def _enqueue_hop(self, arrival: float, msg: _Message, sender: MemoryNetwork) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import multiaddr
 
 from consensus.abi import checksum_address
+from ravenp2p.network.memory import MEMORY_SCHEME, parse_memory_addr
 from ravenp2p.node.control import check_socket_path
 from ravenp2p.node.metrics import DEFAULT_HOST as DEFAULT_METRICS_HOST
 from ravenp2p.node.metrics import check_host, check_port
@@ -20,7 +21,17 @@ class ConfigError(ValueError):
 
 
 def check_multiaddr(setting: str, value: str, *, need_peer_id: bool = False) -> str:
-    """Parse a multiaddr, raising `ConfigError` naming `setting` when it is malformed."""
+    """Parse a multiaddr, raising `ConfigError` naming `setting` when it is malformed.
+
+    Besides IP/TCP addresses, the in-process network's `/memory/<n>/p2p/<peer id>`
+    is accepted: the simulator's nodes bootstrap through each other with it.
+    """
+    if value.startswith(f"/{MEMORY_SCHEME}/"):
+        try:
+            parse_memory_addr(value)
+        except ValueError as exc:
+            raise ConfigError(f"{setting}: {exc}") from None
+        return value
     try:
         parsed = multiaddr.Multiaddr(value)
     except Exception as exc:  # the multiaddr package raises several error types
@@ -45,6 +56,10 @@ class NodeConfig:
     """Percent of the device lent to the network (0: join, but compute nothing)."""
     consent: bool = False
     announce_interval_s: float = 20.0
+    follow_peers: bool = True
+    """Keep a directory of every peer's capability (read the peers topic). Masters and
+    requesters need it; in a big network a node that only computes may skip it and
+    still announce itself (to the peers that follow)."""
     peer_expiry_s: float = 90.0
     join_timeout_s: float = 60.0
     max_known_peers: int = 10_000

@@ -106,6 +106,8 @@ class Node:
             rng=random.Random(self.rng.getrandbits(64)),
         )
         self.directory: dict[str, KnownPeer] = {}
+        self.directory_version = 0
+        """Bumped whenever a peer enters or leaves the directory or changes its record."""
         self.joined = trio.Event()
         self._directory_changed = trio.Event()
         self._reachable: dict[str, str] = {}
@@ -186,8 +188,9 @@ class Node:
                 )
             async with self.blobs.running(), trio.open_nursery() as nursery:
                 await nursery.start(self.topics.run)
-                peers = await self.topics.subscribe(PEERS_TOPIC)
-                nursery.start_soon(self._read_peer_announcements, peers)
+                if self.config.follow_peers:
+                    peers = await self.topics.subscribe(PEERS_TOPIC)
+                    nursery.start_soon(self._read_peer_announcements, peers)
                 nursery.start_soon(self._join)
                 nursery.start_soon(self._announce_loop)
                 nursery.start_soon(self._expire_loop)
@@ -280,14 +283,15 @@ class Node:
                 log.debug("Peer directory full; not recording %s", short(peer_id))
                 return
             known = self.directory[peer_id] = KnownPeer(peer_id, record, now)
+            self.directory_version += 1
             log.info("Discovered peer %s (%s)", short(peer_id), known.describe())
-            self._remember_reachable()
             self._directory_changed.set()
             self._directory_changed = trio.Event()
             return
         known.last_seen = max(known.last_seen, now)
-        if record is not None:
+        if record is not None and record != known.capability:
             known.capability = record
+            self.directory_version += 1
 
     async def _expire_loop(self) -> None:
         while True:
@@ -300,6 +304,7 @@ class Node:
                     known.last_seen = now
                 elif now - known.last_seen > self.config.peer_expiry_s:
                     del self.directory[peer_id]
+                    self.directory_version += 1
                     log.info("Peer %s left (not heard from for %.0f s)", short(peer_id),
                              now - known.last_seen)
 

@@ -39,7 +39,7 @@ import numpy as np
 import trio
 
 from consensus.agreement import compare_tensors
-from consensus.assignment import Candidate, choose_workers
+from consensus.assignment import Candidate, choose_workers, in_job_sample, sample_fraction
 from consensus.mastership import Mastership, rank_after
 from consensus.voting import AddOutcome, CalculationVote, SignedResult, VoteState, WorkerLedger
 from ravenp2p.blocking import run_blocking
@@ -136,6 +136,9 @@ class MasterConfig:
     """How often a paid job's master says it is alive on the job's topic (failover watches it)."""
     replica_timeout_s: float = 30.0
     """How long a round waits for a committee member to store its replica before going on."""
+    seats_per_calculation: int = 4
+    """Workers a job draws per calculation of a round and per unit of redundancy: a job of
+    4 calculations with R = 3 draws about 48 of the known workers (all when fewer)."""
 
     def __post_init__(self) -> None:
         if self.result_deadline_s <= 0 or self.worker_wait_s <= 0:
@@ -245,6 +248,10 @@ class _JobRun:
         self.checkpoint_blob: tuple[str, int] | None = None
         """Digest and size of the newest checkpoint blob (paid jobs: what replicas fetch)."""
         self.nursery: trio.Nursery | None = None
+        self.sample = 1.0
+        """The share of known workers this job draws (`consensus.assignment.in_job_sample`)."""
+        self.drawn: dict[str, int] = {}
+        self.drawn_key: tuple[int, float] | None = None
         self._agree_cache: dict[tuple[str, str], bool] = {}
         self.contradictions: dict[str, list[ContradictionRecord]] = {}
         """Worker -> its signed results that contradicted an accepted majority (paid jobs)."""
@@ -624,7 +631,6 @@ class Master:
 
     async def _train_announced(self, run: _JobRun) -> str:
         """Announce the job (and a takeover) to compute nodes, then train it to its end."""
-        view = run.mastership
         if run.takeover is not None:
             run.takeover = dataclasses.replace(run.takeover, round=run.round,
                                                weights=run.weights_digest)
@@ -633,15 +639,35 @@ class Master:
                 await self.node.topics.publish(run.topic, run.last_record)
             log.info("Job %s resumed at round %d by this master (rank %d)", short(run.job_id),
                      run.round, run.takeover.rank)
+        run.sample = sample_fraction(self._seats(run), len(self._known_workers(run)))
+        await self._announce(run)
+        return await self._train(run)
+
+    async def _announce(self, run: _JobRun) -> None:
+        """Tell compute nodes about the job, and which share of them it draws."""
+        view = run.mastership
         announce = JobAnnounce(
             job=run.job_id,
             requester=run.manifest.requester,
             manifest_size=len(run.manifest.encode()),
             masters=view.ranked if view is not None else (),
             rank=view.current_rank if view is not None else 0,
+            sample=run.sample,
         )
         await self.node.topics.publish(JOBS_TOPIC, announce)
-        return await self._train(run)
+
+    def _seats(self, run: _JobRun) -> int:
+        spec = run.spec
+        return max(self.config.seats_per_calculation * spec.calculations_per_round
+                   * spec.redundancy, spec.redundancy + self.config.max_extra_workers)
+
+    async def _widen_if_short(self, run: _JobRun) -> None:
+        """Draw twice the share of workers when churn left the job short of seats."""
+        if run.sample < 1.0 and len(self._candidates(run)) < self._seats(run) // 2:
+            run.sample = min(1.0, run.sample * 2)
+            log.info("Job %s draws %.1f%% of the workers now", short(run.job_id),
+                     100 * run.sample)
+            await self._announce(run)
 
     async def _prepare(self, run: _JobRun) -> None:
         """Load the starting point: the last checkpoint, or the requester's initial weights."""
@@ -701,24 +727,42 @@ class Master:
             if not run.cancelled:
                 await self._run_round(run)
 
+    def _known_workers(self, run: _JobRun) -> dict[str, int]:
+        """Consenting workers this node knows (peer id -> share), bar the job's own peers."""
+        workers = {}
+        for peer_id, known in self.node.directory.items():
+            cap = known.capability
+            if cap is None or not cap.consent or cap.share < 1:
+                continue
+            if peer_id in (self.node.peer_id, run.manifest.requester):
+                continue
+            workers[peer_id] = cap.share
+        return workers
+
+    def _drawn(self, run: _JobRun) -> dict[str, int]:
+        """The known workers the job's sample draws; recomputed only when either changed."""
+        key = (self.node.directory_version, run.sample)
+        if run.drawn_key != key:
+            run.drawn = {peer_id: share for peer_id, share in self._known_workers(run).items()
+                         if in_job_sample(run.job_id, peer_id, run.sample)}
+            run.drawn_key = key
+        return run.drawn
+
     def _candidates(self, run: _JobRun) -> dict[str, Candidate]:
-        """Consenting workers that lend a share, with their outstanding assignments."""
+        """Drawn, connected, consenting workers, with their outstanding assignments."""
         outstanding: dict[str, int] = {}
         for calc in run.calcs.values():
             for worker in calc.assigned:
                 outstanding[worker] = outstanding.get(worker, 0) + 1
         connected = set(self.node.network.connected_peers())
-        candidates = {}
-        for peer_id, known in self.node.directory.items():
-            cap = known.capability
-            if cap is None or not cap.consent or cap.share < 1 or peer_id not in connected:
-                continue
-            if peer_id in (self.node.peer_id, run.manifest.requester) or run.is_excluded(peer_id):
-                continue
-            candidates[peer_id] = Candidate(cap.share, outstanding.get(peer_id, 0))
-        return candidates
+        return {
+            peer_id: Candidate(share, outstanding.get(peer_id, 0))
+            for peer_id, share in self._drawn(run).items()
+            if peer_id in connected and not run.is_excluded(peer_id)
+        }
 
     async def _wait_for_workers(self, run: _JobRun) -> None:
+        await self._widen_if_short(run)
         needed = run.spec.redundancy
         if len(self._candidates(run)) >= needed:
             return
@@ -728,6 +772,7 @@ class Master:
                 # A new peer, or a re-check of connections and consent twice a second.
                 with trio.move_on_after(0.5):
                     await self.node.wait_for_peers(len(self.node.directory) + 1)
+                await self._widen_if_short(run)
             return
         raise JobFailed(
             f"fewer than {needed} consenting workers available after "

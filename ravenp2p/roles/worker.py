@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from consensus.assignment import in_job_sample
 from consensus.mastership import Mastership, Verdict
 from ravenp2p.chain.base import ChainError, ContractReverted
 from ravenp2p.data.blobs import BlobError
@@ -181,6 +182,8 @@ class Worker:
         """Fault injection: also sign and deliver this rewrite of each result (equivocation)."""
         self.stats = WorkerStats()
         self._jobs: dict[str, _JobContext] = {}
+        self._joining: set[str] = set()
+        """Jobs whose manifest is being fetched: a repeated announcement starts nothing."""
         self._weights = _LRU(self.config.cached_weights)
         self._shards = _LRU(self.config.cached_shards)
         self._compute_slot = trio.CapacityLimiter(1)
@@ -205,8 +208,11 @@ class Worker:
             task_status.started(self)
             async for envelope in channel:
                 message = envelope.message
-                if not isinstance(message, JobAnnounce) or message.job in self._jobs:
+                if (not isinstance(message, JobAnnounce) or message.job in self._jobs
+                        or message.job in self._joining):
                     continue
+                if not in_job_sample(message.job, self.node.peer_id, message.sample):
+                    continue  # not drawn; a later announcement may draw more workers
                 if not self.consented:
                     self.stats.declined_jobs += 1
                     why = ("the operator has not consented (start with --i-consent)"
@@ -220,6 +226,14 @@ class Worker:
                 nursery.start_soon(self._join_job, message, envelope.sender)
 
     async def _join_job(self, announce: JobAnnounce, master: str) -> None:
+        job_id = announce.job
+        self._joining.add(job_id)
+        try:
+            await self._follow_job(announce, master)
+        finally:
+            self._joining.discard(job_id)
+
+    async def _follow_job(self, announce: JobAnnounce, master: str) -> None:
         job_id = announce.job
         try:
             with trio.fail_after(self.config.fetch_timeout_s):

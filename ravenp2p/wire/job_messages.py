@@ -63,6 +63,9 @@ class JobAnnounce(Message):
     """A paid job's masters in rank order (the escrow's), empty for an unpaid job."""
     rank: int = constrained(min=0, max=MAX_MASTERS - 1, default=0)
     """The announcing master's rank among `masters`."""
+    sample: float = constrained(min=0.0, max=1.0, default=1.0)
+    """The share of workers the job draws (`consensus.assignment.in_job_sample`): the
+    others do not join. A master short of workers announces again with a larger one."""
 
 
 @register

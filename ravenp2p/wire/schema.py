@@ -138,8 +138,16 @@ def _check(path: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
             raise WireError(path, f"must be a list, got {type(value).__name__}")
         _check_len(path, len(value), meta, MAX_ITEMS_DEFAULT, "items")
         item_meta = {"max_len": meta.get("item_max_len"), "pattern": meta.get("pattern")}
-        checked = [_check(f"{path}[{i}]", v, item_hint, item_meta) for i, v in enumerate(value)]
-        return tuple(checked)
+        scalar = _SCALARS.get(item_hint)
+        if scalar is None:
+            return tuple(_check(f"{path}[{i}]", v, item_hint, item_meta)
+                         for i, v in enumerate(value))
+        # Lists of scalars (message ids, peer ids) can be long: no path string per item.
+        try:
+            return tuple([scalar(path, v, item_meta) for v in value])
+        except WireError as exc:
+            index = next(i for i, v in enumerate(value) if not _scalar_ok(scalar, v, item_meta))
+            raise WireError(f"{path}[{index}]", exc.reason) from None
     if isinstance(hint, type) and issubclass(hint, Message):
         try:
             return hint.from_body(value)
@@ -216,6 +224,17 @@ def _check_bytes(path: str, value: Any, meta: typing.Mapping[str, Any]) -> bytes
         raise WireError(path, f"must be bytes, got {type(value).__name__}")
     _check_len(path, len(value), meta, MAX_BYTES_DEFAULT, "bytes")
     return value
+
+
+def _scalar_ok(
+    checker: Callable[[str, Any, typing.Mapping[str, Any]], Any], value: Any,
+    meta: typing.Mapping[str, Any],
+) -> bool:
+    try:
+        checker("", value, meta)
+    except WireError:
+        return False
+    return True
 
 
 _SCALARS: dict[Any, Callable[[str, Any, typing.Mapping[str, Any]], Any]] = {
