@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -180,6 +181,7 @@ class ReliableTopics:
         for _, envelope in state.held.values():
             send.send_nowait(envelope)
         state.subscribers.append(send)
+        self._wake_soon()  # the resync loop learns of the new topic
         return receive
 
     async def publish(self, topic: str, message: Message) -> Envelope:
@@ -298,9 +300,10 @@ class ReliableTopics:
         interval = self.config.sync_interval_s
         while True:
             now = self.clock.now()
-            due = [s.next_sync for s in self._topics.values() if s.subscribers and s.interval]
-            wait = min(due, default=now + interval) - now
-            with trio.move_on_after(max(0.0, min(wait, interval * 1.25))):
+            due = [s.next_sync if s.interval else now + interval
+                   for s in self._topics.values() if s.subscribers]
+            wait = min(due, default=math.inf) - now
+            with trio.move_on_after(max(0.0, wait)):
                 await self._wake.wait()
             forced, self._forced = self._forced, False
             self._wake = trio.Event()

@@ -425,9 +425,14 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 def with_redundancy(jobs: Sequence[JobEntry], redundancy: int) -> tuple[JobEntry, ...]:
-    """The same jobs with redundancy R = `redundancy` (for sweeps over R)."""
-    return tuple(replace(entry, spec=replace(entry.spec, redundancy=redundancy))
-                 for entry in jobs)
+    """The same jobs with redundancy R = `redundancy` (for sweeps over R), each budget
+    raised where the worst case of the larger R needs it."""
+    changed = []
+    for entry in jobs:
+        spec = replace(entry.spec, redundancy=redundancy)
+        spec = replace(spec, budget=max(spec.budget, spec.max_cost()))
+        changed.append(replace(entry, spec=spec))
+    return tuple(changed)
 
 
 def scenario_path(name: str) -> Path:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consensus.assignment import Candidate, choose_workers
+from consensus.assignment import Candidate, choose_workers, in_job_sample, sample_fraction
 
 candidates_strategy = st.dictionaries(
     st.text(alphabet="abcdefgh", min_size=1, max_size=6),
@@ -71,3 +71,35 @@ def test_invalid_inputs_are_refused() -> None:
         Candidate(5, -1)
     with pytest.raises(ValueError, match="count"):
         choose_workers({}, -1, b"")
+
+
+@given(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20),
+       st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_a_drawn_worker_stays_drawn_when_the_sample_widens(
+    job: str, worker: str, a: float, b: float
+) -> None:
+    low, high = sorted((a, b))
+    if in_job_sample(job, worker, low):
+        assert in_job_sample(job, worker, high)
+    assert in_job_sample(job, worker, 1.0)
+
+
+def test_a_sample_draws_about_its_share_of_the_workers() -> None:
+    workers = [f"worker-{i}" for i in range(4000)]
+    for fraction in (0.01, 0.1, 0.5):
+        drawn = sum(in_job_sample("job-1", w, fraction) for w in workers)
+        expected = fraction * len(workers)
+        assert abs(drawn - expected) < 4 * (expected * (1 - fraction)) ** 0.5 + 1
+    other_job = {w for w in workers if in_job_sample("job-2", w, 0.1)}
+    this_job = {w for w in workers if in_job_sample("job-1", w, 0.1)}
+    assert len(other_job & this_job) < len(this_job) / 2  # each job draws its own workers
+
+
+def test_sample_fraction_seats_the_workers_a_job_needs() -> None:
+    assert sample_fraction(48, 10) == 1.0
+    assert sample_fraction(48, 48) == 1.0
+    assert sample_fraction(48, 9600) == pytest.approx(0.005)
+    with pytest.raises(ValueError, match="seats"):
+        sample_fraction(0, 10)
+    with pytest.raises(ValueError, match="fraction"):
+        in_job_sample("job", "worker", 1.5)

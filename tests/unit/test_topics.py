@@ -148,3 +148,32 @@ async def test_oversized_topic_messages_are_refused_before_anything_is_kept(auto
         await a.topics.publish(TOPIC, Note(seq=1))
         await settle([a, b], 1, timeout=5)
         assert seqs(b) == [1]
+
+
+@pytest.mark.trio
+async def test_quiet_topics_resync_less_and_less_often_yet_recover_losses(autojump_clock):
+    hub = MemoryHub(LinkModel(latency=0.02), seed=3)
+    config = TopicConfig(sync_interval_s=1.0, max_sync_interval_s=64.0)
+    async with swarm(lambda i: MemoryNetwork(hub, i), 4, line(4), config) as peers:
+        for p in peers:
+            await p.listen(TOPIC)
+        await trio.sleep(1.5)
+        before = hub.stats.requests
+        await trio.sleep(300)
+        quiet = hub.stats.requests - before
+        # Every second for 300 s would be 4 peers x 2 neighbours x 300 = 2400 requests;
+        # doubling up to 64 s leaves about 4 x 2 x (6 + 3) of them.
+        assert quiet < 150
+        # A message gossip loses (a link drops everything for a moment) still arrives:
+        # the publisher resyncs soon after publishing, and neighbours pull it back.
+        hub.set_link(peers[0].peer_id, peers[1].peer_id, LinkModel(latency=0.02, loss=1.0))
+        await peers[0].topics.publish(TOPIC, Note(seq=1))
+        await trio.sleep(0.5)
+        hub.set_link(peers[0].peer_id, peers[1].peer_id, LinkModel(latency=0.02))
+        await settle(peers, 1, timeout=30)
+        assert all(seqs(p) == [1] for p in peers)
+
+
+def test_max_sync_interval_must_not_be_below_the_interval():
+    with pytest.raises(ValueError, match="max_sync_interval_s"):
+        TopicConfig(sync_interval_s=5.0, max_sync_interval_s=1.0)
