@@ -279,6 +279,7 @@ class Recorder:
             })
         sent = world.hub.stats.bytes_sent
         earned = [w["earned_raven"] for w in workers]
+        rounds = [s for peer in world.masters for s in _master(peer.role).round_seconds]
         return {
             "scenario": scenario.name,
             "seed": scenario.seed,
@@ -295,6 +296,8 @@ class Recorder:
             "accepted_bad_rate": bad / accepted if accepted else 0.0,
             "results_rejected": self._rejected(),
             "verified_per_s": accepted / now if now > 0 else 0.0,
+            "rounds": len(rounds),
+            "round_seconds": _stats(rounds),
             "calculations_computed": world.ledger.calculations,
             "torch_calculations": world.ledger.torch_calculations,
             "utilisation_mean": statistics.fmean(utilisation) if utilisation else 0.0,

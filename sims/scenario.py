@@ -147,19 +147,29 @@ class Device:
     speed: float = 1.0
 
 
+LOOPBACK_LATENCY_MS = 0.9
+"""Default access-link latency: half the one-way time of a libp2p request on loopback
+(benchmarks/net.py: request/response median 3.59 ms round trip), as two links add up."""
+LOOPBACK_BANDWIDTH_MBPS = 11_256.0
+"""Default access bandwidth: the bulk stream's 1,407 MB/s on loopback (benchmarks/net.py)."""
+
+
 @dataclass(frozen=True)
 class NetworkSettings:
     """Peers and links. Latency and bandwidth are each peer's access link; a message
-    between two peers pays both ends' latency and the slower end's bandwidth."""
+    between two peers pays both ends' latency and the slower end's bandwidth. The
+    defaults are libp2p on loopback as measured by benchmarks/net.py, so that a
+    simulation without link settings matches a devnet on one machine."""
 
     masters: int = 3
     requesters: int = 1
     workers: int = 8
     degree: int = 4
     """Random connections each peer opens besides its bootstrap peer."""
-    latency_ms: Distribution = field(default_factory=lambda: fixed(0.1))
+    latency_ms: Distribution = field(default_factory=lambda: fixed(LOOPBACK_LATENCY_MS))
     """One-way latency of each peer's access link, in milliseconds."""
-    bandwidth_mbps: Distribution = field(default_factory=lambda: fixed(1000.0))
+    bandwidth_mbps: Distribution = field(
+        default_factory=lambda: fixed(LOOPBACK_BANDWIDTH_MBPS))
     """Each peer's access bandwidth, in megabits per second."""
     loss: Distribution = field(default_factory=lambda: fixed(0.0))
     """Probability that one gossip hop through the peer's access link is lost."""
