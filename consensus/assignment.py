@@ -54,3 +54,30 @@ def choose_workers(
         )
     )
     return eligible[:count]
+
+
+def in_job_sample(job_id: str, worker: str, fraction: float) -> bool:
+    """Whether `worker` is among the share `fraction` of workers that a job draws.
+
+    Sortition by hash: master and worker decide alone and agree, with no
+    message between them. A worker drawn at some fraction stays drawn at any
+    larger one, so a master short of workers widens the draw without
+    dropping anyone. In a network of thousands of workers this keeps a job's
+    topic (its orders, heartbeats and records) to the seats it needs instead
+    of every worker.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be between 0 and 1, got {fraction}")
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.sha256(f"ravenp2p job sample:{job_id}:{worker}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
+
+
+def sample_fraction(seats: int, workers: int) -> float:
+    """The share of `workers` known workers to draw so that about `seats` of them join."""
+    if seats < 1:
+        raise ValueError(f"seats must be at least 1, got {seats}")
+    if workers < 0:
+        raise ValueError(f"workers must not be negative, got {workers}")
+    return 1.0 if workers <= seats else seats / workers

@@ -266,11 +266,13 @@ class World:
         degree = self.scenario.network.degree
         if peer.kind == "worker":
             targets = [m for m in self.masters if m.alive]
-            pool = [p for p in self.workers if p.alive and p is not peer]
+            pool = self.workers
         else:
             targets = []
-            pool = [p for p in (*self.masters, *self.requesters) if p.alive and p is not peer]
-        targets += self.rng.sample(pool, min(degree, len(pool)))
+            pool = [*self.masters, *self.requesters]
+        # A few draws from the whole list (dead or self are skipped): O(degree), not O(N).
+        picks = self.rng.sample(range(len(pool)), min(2 * degree, len(pool)))
+        targets += [p for p in (pool[i] for i in picks) if p.alive and p is not peer][:degree]
         for target in targets:
             addrs = target.node.network.listen_addrs
             if not addrs:

@@ -242,7 +242,7 @@ class MemoryHub:
         Traffic between two peers then pays both access latencies and the
         slower access bandwidth; a gossip hop survives only if neither access
         link loses it. Simulations of many peers use this: one model per peer
-        instead of one per pair. Set it before the peer sends anything.
+        instead of one per pair.
         """
         pid = _peer_of(peer)
         if pid in self._access and self._combined:  # a change: forget combinations with it
@@ -259,10 +259,10 @@ class MemoryHub:
             return self.default_link
         combined = self._combined.get(key)
         if combined is None:
-            combined = self._combined[key] = self._combine(
-                self._access.get(key[0], self.default_link),
-                self._access.get(key[1], self.default_link),
-            )
+            up, down = self._access.get(key[0]), self._access.get(key[1])
+            combined = self._combine(up or self.default_link, down or self.default_link)
+            if up is not None and down is not None:  # cached only once both are final
+                self._combined[key] = combined
         return combined
 
     @staticmethod

@@ -106,6 +106,36 @@ async def test_directed_link(autojump_clock: trio.testing.MockClock) -> None:
         assert trio.current_time() - t0 == pytest.approx(0.3)
 
 
+async def test_access_links_combine_and_bytes_are_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = MemoryHub()
+    async with started(hub, 3) as (a, b, c):
+        hub.set_access_link(a, LinkModel(latency=0.02, bandwidth=1_000_000, loss=0.1))
+        hub.set_access_link(b, LinkModel(latency=0.03, bandwidth=500_000, loss=0.2))
+        ab = hub.link(a, b)
+        assert ab.latency == pytest.approx(0.05) and ab.bandwidth == 500_000
+        assert ab.loss == pytest.approx(1 - 0.9 * 0.8)
+        assert hub.link(a, c).latency == pytest.approx(0.02)  # c has no access link of its own
+        hub.set_link(a, b, LinkModel(latency=0.5))  # an explicit pair link wins
+        assert hub.link(a, b).latency == 0.5
+        hub.set_access_link(c, LinkModel(latency=0.04))  # changing one forgets its combinations
+        assert hub.link(a, c).latency == pytest.approx(0.06)
+
+        await connect(a, c)
+        c.set_request_handler("/echo", echo)
+        await a.request(c.peer_id, "/echo", b"x" * 1000)
+        assert hub.stats.bytes_sent["request"] == 2000  # the request and its echo
+        hub.set_access_link(a, LinkModel(latency=0.02))  # no loss for the gossip hop below
+        assert hub.link(a, c).loss == 0.0
+        sub = await c.subscribe(TOPIC)
+        await a.publish(TOPIC, b"y" * 300)
+        with trio.fail_after(5):
+            await sub.__anext__()
+        assert hub.stats.bytes_sent["pubsub"] == 300
+        assert hub.stats.topic_bytes == {TOPIC: 300}
+
+
 async def test_bandwidth_and_queueing(autojump_clock: trio.testing.MockClock) -> None:
     hub = MemoryHub(default_link=LinkModel(latency=0.01, bandwidth=1_000_000))
     async with started(hub, 2) as (a, b):
