@@ -144,6 +144,15 @@ class ReplayCache:
                 del self._per_sender[sender]
 
 
+VERIFIED_CACHE_ENTRIES = 4096
+VERIFIED_CACHE_MAX_BYTES = 64 * 1024
+_VERIFIED: OrderedDict[bytes, Envelope] = OrderedDict()
+"""Envelopes whose signature, canonical form and body schema this process has verified, by
+their exact bytes: a pure function of the bytes, so any codec may reuse it. Pays off where
+one process runs many nodes (devnet, simulator) that each receive the same gossip; the
+checks that depend on the receiver (context, transport peer, age, replay) are always made."""
+
+
 class EnvelopeCodec:
     """Seals outgoing messages and opens incoming ones for one node.
 
@@ -208,6 +217,9 @@ class EnvelopeCodec:
             raise WireError(
                 "envelope", f"{len(raw)} bytes exceeds the {limits.max_envelope_bytes}-byte limit"
             )
+        known = _VERIFIED.get(raw)
+        if known is not None:
+            return self._open_verified(known, context, from_peer, check_replay)
         outer = _unpack(raw, limits.max_envelope_bytes)
         if not isinstance(outer, dict):
             raise WireError("envelope", f"must be a map, got {type(outer).__name__}")
@@ -286,6 +298,31 @@ class EnvelopeCodec:
             version=version,
             raw=raw,
         )
+        if len(raw) <= VERIFIED_CACHE_MAX_BYTES:
+            _VERIFIED[raw] = envelope
+            while len(_VERIFIED) > VERIFIED_CACHE_ENTRIES:
+                _VERIFIED.popitem(last=False)
+        if check_replay:
+            self.check_replay(envelope)
+        return envelope
+
+    def _open_verified(
+        self, envelope: Envelope, context: str | None, from_peer: str | None, check_replay: bool
+    ) -> Envelope:
+        """The checks of `open` that depend on the call (context, peer, time, replay), for
+        bytes whose signature and schema were already verified in this process."""
+        if context is not None and envelope.context != context:
+            raise WireError("context", f"meant for {envelope.context!r}, received on {context!r}")
+        if from_peer is not None and envelope.sender != from_peer:
+            raise WireError("sender", f"signed by {envelope.sender} but sent by {from_peer}")
+        age = self._now() - envelope.timestamp_ms / 1000.0
+        if age > self.limits.max_age_s:
+            window = f"{self.limits.max_age_s:.0f} s window"
+            raise WireError("timestamp", f"stale: {age:.0f} s old, older than the {window}")
+        if -age > self.limits.max_future_skew_s:
+            raise WireError(
+                "timestamp", f"{-age:.0f} s in the future, beyond the allowed clock skew"
+            )
         if check_replay:
             self.check_replay(envelope)
         return envelope
