@@ -32,7 +32,6 @@ from consensus.eip712 import (
     from_eth_signature,
     result_digest,
     slash_order_digest,
-    to_eth_signature,
 )
 from consensus.election import (
     draw_committee,
@@ -48,6 +47,14 @@ from consensus.settlement import (
     PARTNER_FEE_PERCENT,
     leaf_hash,
     verify,
+)
+from ravenp2p.chain.arguments import (
+    UINT64_MAX,
+    bytes32_arg,
+    sign_result,
+    sign_slash_order,
+    signature_arg,
+    uint_arg,
 )
 from ravenp2p.chain.base import (
     ChainError,
@@ -73,7 +80,6 @@ FEED = "PriceFeed"
 BPS = 10_000
 MAX_CANDIDATES_LIMIT = 256
 UINT32_MAX = 2**32 - 1
-UINT64_MAX = 2**64 - 1
 DEFAULT_CHAIN_ID = 424_242
 ZERO32 = bytes(32)
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -84,29 +90,7 @@ OVERFLOW = "Panic(0x11: arithmetic overflow)"
 # ------------------------------------------------------------------ arguments
 
 
-def _uint(name: str, value: int, maximum: int = UINT256_MAX) -> int:
-    """An ABI unsigned integer argument, refused as `Web3Chain` refuses it (ValueError)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
-    if not 0 <= value <= maximum:
-        raise ValueError(f"{name} must be between 0 and {maximum}, got {value}")
-    return value
 
-
-def _bytes32(name: str, value: bytes) -> bytes:
-    """A `bytes32` argument."""
-    if not isinstance(value, bytes | bytearray) or len(value) != 32:
-        got = len(value) if isinstance(value, bytes | bytearray) else type(value).__name__
-        raise ValueError(f"{name} must be 32 bytes, got {got}")
-    return bytes(value)
-
-
-def _signature(name: str, value: bytes) -> bytes:
-    """A 65-byte signature argument (r || s || v)."""
-    if not isinstance(value, bytes | bytearray) or len(value) != 65:
-        got = len(value) if isinstance(value, bytes | bytearray) else type(value).__name__
-        raise ValueError(f"{name} must be a 65-byte signature, got {got}")
-    return bytes(value)
 
 
 def _word(value: int) -> bytes:
@@ -423,7 +407,7 @@ class ChainState:
     def mint(self, to: str, amount: int) -> str:
         """Create `amount` RAVEN for `to` (the token owner's `mint`); the tx hash."""
         to = self.canonical(to, "to")
-        _uint("amount", amount)
+        uint_arg("amount", amount)
         call = self._begin(TOKEN, "mint", ZERO_ADDRESS)
         if to == ZERO_ADDRESS:
             raise call.revert("ERC20InvalidReceiver", receiver=to)
@@ -643,7 +627,7 @@ class ChainState:
 
     def election(self, epoch: int) -> ElectionTable:
         """`Chain.election_table(epoch)`; ChainError while the epoch is not elected."""
-        found = self._elections.get(_uint("epoch", epoch))
+        found = self._elections.get(uint_arg("epoch", epoch))
         if found is None:
             raise ChainError(f"epoch {epoch} is not elected: it has no committee")
         return ElectionTable(
@@ -660,17 +644,17 @@ class ChainState:
 
     def committee_of(self, epoch: int) -> list[str]:
         """`committee(epoch)`: empty while not elected."""
-        found = self._elections.get(_uint("epoch", epoch))
+        found = self._elections.get(uint_arg("epoch", epoch))
         return [] if found is None else list(found.committee)
 
     def seed_of(self, epoch: int) -> bytes:
         """`epochSeed(epoch)`: zero while not elected."""
-        found = self._elections.get(_uint("epoch", epoch))
+        found = self._elections.get(uint_arg("epoch", epoch))
         return ZERO32 if found is None else found.seed
 
     def is_elected(self, epoch: int) -> bool:
         """`isElected(epoch)`."""
-        return _uint("epoch", epoch) in self._elections
+        return uint_arg("epoch", epoch) in self._elections
 
     # ------------------------------------------------------------ registry: slashing
 
@@ -853,7 +837,7 @@ class ChainState:
 
     def job_on_chain(self, job_id: bytes) -> JobOnChain:
         """`getJob(jobId)`: all zero for an unknown id."""
-        job_id = _bytes32("job_id", job_id)
+        job_id = bytes32_arg("job_id", job_id)
         job = self._jobs.get(job_id)
         if job is None:
             return JobOnChain(job_id, ZERO_ADDRESS, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -877,11 +861,11 @@ class ChainState:
 
     def ranked(self, job_id: bytes, function: str = "rankedMasters") -> list[str]:
         """`rankedMasters(jobId)`: the job's masters in rank order."""
-        return list(self._existing((ESCROW, function), _bytes32("job_id", job_id)).ranked)
+        return list(self._existing((ESCROW, function), bytes32_arg("job_id", job_id)).ranked)
 
     def master(self, job_id: bytes) -> str:
         """`masterOf(jobId)`: the committee member at the job's master rank."""
-        job = self._existing((ESCROW, "masterOf"), _bytes32("job_id", job_id))
+        job = self._existing((ESCROW, "masterOf"), bytes32_arg("job_id", job_id))
         return job.ranked[job.master_rank]
 
     def _heartbeat(self, sender: str, job_id: bytes) -> str:
@@ -955,7 +939,7 @@ class ChainState:
 
     def settlement_of(self, job_id: bytes) -> Settled | None:
         """What the job's settlement paid, or None while it is not settled."""
-        job = self._jobs.get(_bytes32("job_id", job_id))
+        job = self._jobs.get(bytes32_arg("job_id", job_id))
         return None if job is None else job.settled
 
     def _claim(
@@ -987,7 +971,7 @@ class ChainState:
 
     def claimed(self, job_id: bytes, account: str) -> bool:
         """`hasClaimed(jobId, account)`."""
-        job = self._jobs.get(_bytes32("job_id", job_id))
+        job = self._jobs.get(bytes32_arg("job_id", job_id))
         return job is not None and self.canonical(account, "account") in job.claimed
 
     def earned(self, account: str) -> Earnings:
@@ -1058,7 +1042,7 @@ class ModelChain:
 
     async def transfer(self, to: str, amount: int) -> str:
         to = self._state.canonical(to, "to")
-        return self._state._transfer(self._address, to, _uint("amount", amount))
+        return self._state._transfer(self._address, to, uint_arg("amount", amount))
 
     async def token_transfers(self, tx_hash: str) -> list[TokenTransfer]:
         return self._state.token_transfers(tx_hash)
@@ -1070,10 +1054,10 @@ class ModelChain:
 
     async def stake(self, amount: int) -> str:
         """Stake `amount` of this account's tokens (the permit is implied)."""
-        return self._state._stake(self._address, _uint("amount", amount))
+        return self._state._stake(self._address, uint_arg("amount", amount))
 
     async def request_unbond(self, amount: int) -> str:
-        return self._state._request_unbond(self._address, _uint("amount", amount))
+        return self._state._request_unbond(self._address, uint_arg("amount", amount))
 
     async def withdraw(self) -> str:
         return self._state._withdraw(self._address)
@@ -1135,10 +1119,10 @@ class ModelChain:
         return self._state._slash_equivocation(
             self._address,
             self._state.canonical(worker, "worker"),
-            _bytes32("job_id", job_id),
-            _uint("calculation", calculation, UINT64_MAX),
-            (_bytes32("digest_a", digest_a), _bytes32("digest_b", digest_b)),
-            (_signature("signature_a", signature_a), _signature("signature_b", signature_b)),
+            bytes32_arg("job_id", job_id),
+            uint_arg("calculation", calculation, UINT64_MAX),
+            (bytes32_arg("digest_a", digest_a), bytes32_arg("digest_b", digest_b)),
+            (signature_arg("signature_a", signature_a), signature_arg("signature_b", signature_b)),
         )
 
     async def slash_by_committee(
@@ -1146,33 +1130,22 @@ class ModelChain:
     ) -> str:
         order = (
             self._state.canonical(offender, "offender"),
-            _uint("amount", amount),
-            _bytes32("evidence", evidence),
-            _uint("epoch", epoch),
+            uint_arg("amount", amount),
+            bytes32_arg("evidence", evidence),
+            uint_arg("epoch", epoch),
         )
-        sigs = [_signature(f"signatures[{i}]", s) for i, s in enumerate(signatures)]
+        sigs = [signature_arg(f"signatures[{i}]", s) for i, s in enumerate(signatures)]
         return self._state._slash_by_committee(self._address, order, sigs)
 
     def sign_result(self, job_id: bytes, calculation: int, digest: bytes) -> bytes:
-        """This account's EIP-712 `Result` signature (65 bytes, v 27/28), registry's domain."""
-        message = result_digest(
-            self._state.domain,
-            _bytes32("job_id", job_id),
-            _uint("calculation", calculation, UINT64_MAX),
-            _bytes32("digest", digest),
-        )
-        return to_eth_signature(self._identity.sign_digest(message))
+        """This account's EIP-712 `Result` signature (see `arguments.sign_result`)."""
+        return sign_result(self._identity, self._state.domain, job_id, calculation, digest)
 
     def sign_slash_order(self, offender: str, amount: int, evidence: bytes, epoch: int) -> bytes:
-        """This account's EIP-712 `SlashOrder` signature (65 bytes, v 27/28) as committee member."""
-        message = slash_order_digest(
-            self._state.domain,
-            self._state.canonical(offender, "offender"),
-            _uint("amount", amount),
-            _bytes32("evidence", evidence),
-            _uint("epoch", epoch),
-        )
-        return to_eth_signature(self._identity.sign_digest(message))
+        """This account's EIP-712 `SlashOrder` signature as committee member."""
+        return sign_slash_order(self._identity, self._state.domain,
+                                self._state.canonical(offender, "offender"), amount, evidence,
+                                epoch)
 
     # ------------------------------------------------------------ escrow
 
@@ -1187,13 +1160,13 @@ class ModelChain:
     ) -> str:
         """Open the job with its deposit (the permit is implied). Returns the tx hash."""
         terms = (
-            _uint("price", price),
-            _uint("redundancy", redundancy, UINT32_MAX),
-            _uint("max_calculations", max_calculations, UINT64_MAX),
-            _uint("deadline", deadline, UINT64_MAX),
-            _uint("deposit", deposit),
+            uint_arg("price", price),
+            uint_arg("redundancy", redundancy, UINT32_MAX),
+            uint_arg("max_calculations", max_calculations, UINT64_MAX),
+            uint_arg("deadline", deadline, UINT64_MAX),
+            uint_arg("deposit", deposit),
         )
-        return self._state._create_job(self._address, _bytes32("job_id", job_id), terms)
+        return self._state._create_job(self._address, bytes32_arg("job_id", job_id), terms)
 
     async def job(self, job_id: bytes) -> JobOnChain:
         return self._state.job_on_chain(job_id)
@@ -1209,20 +1182,20 @@ class ModelChain:
         return self._state.ranked(job_id)
 
     async def heartbeat(self, job_id: bytes) -> str:
-        return self._state._heartbeat(self._address, _bytes32("job_id", job_id))
+        return self._state._heartbeat(self._address, bytes32_arg("job_id", job_id))
 
     async def take_over(self, job_id: bytes) -> str:
-        return self._state._take_over(self._address, _bytes32("job_id", job_id))
+        return self._state._take_over(self._address, bytes32_arg("job_id", job_id))
 
     async def settle(
         self, job_id: bytes, root: bytes, accepted_results: int, partner_total: int
     ) -> Settled:
         return self._state._settle(
             self._address,
-            _bytes32("job_id", job_id),
-            _bytes32("root", root),
-            _uint("accepted_results", accepted_results),
-            _uint("partner_total", partner_total),
+            bytes32_arg("job_id", job_id),
+            bytes32_arg("root", root),
+            uint_arg("accepted_results", accepted_results),
+            uint_arg("partner_total", partner_total),
         )
 
     async def settlement(self, job_id: bytes) -> Settled | None:
@@ -1232,10 +1205,10 @@ class ModelChain:
     async def claim(self, job_id: bytes, account: str, amount: int, proof: list[bytes]) -> str:
         return self._state._claim(
             self._address,
-            _bytes32("job_id", job_id),
+            bytes32_arg("job_id", job_id),
             self._state.canonical(account, "account"),
-            _uint("amount", amount),
-            [_bytes32(f"proof[{i}]", p) for i, p in enumerate(proof)],
+            uint_arg("amount", amount),
+            [bytes32_arg(f"proof[{i}]", p) for i, p in enumerate(proof)],
         )
 
     async def has_claimed(self, job_id: bytes, account: str) -> bool:
@@ -1246,7 +1219,7 @@ class ModelChain:
         return self._state.earned(account)
 
     async def refund(self, job_id: bytes) -> str:
-        return self._state._refund(self._address, _bytes32("job_id", job_id))
+        return self._state._refund(self._address, bytes32_arg("job_id", job_id))
 
     # ------------------------------------------------------------ price feed
 

@@ -22,8 +22,15 @@ from web3.exceptions import TransactionNotFound
 from web3.logs import DISCARD
 from web3.types import BlockIdentifier, TxReceipt
 
-from consensus.abi import UINT256_MAX
-from consensus.eip712 import Domain, result_digest, slash_order_digest, to_eth_signature
+from consensus.eip712 import Domain
+from ravenp2p.chain.arguments import (
+    UINT64_MAX,
+    bytes32_arg,
+    sign_result,
+    sign_slash_order,
+    signature_arg,
+    uint_arg,
+)
 from ravenp2p.chain.artifacts import load_artifact
 from ravenp2p.chain.base import (
     ChainError,
@@ -46,25 +53,10 @@ PERMIT_VALIDITY = 3600  # seconds a permit signed for one transaction stays usab
 RECEIPT_FIRST_POLL_S = 0.005  # automining chains answer at once; real ones take a block
 RECEIPT_MAX_POLL_S = 1.0
 UINT32_MAX = 2**32 - 1
-UINT64_MAX = 2**64 - 1
 TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 # The registry events that change the candidate list or an active stake.
 TABLE_EVENTS = ("StakeChanged", "CandidateAdded", "CandidateRemoved")
 
-
-def _bytes32(name: str, value: bytes) -> bytes:
-    if not isinstance(value, bytes | bytearray) or len(value) != 32:
-        got = len(value) if isinstance(value, bytes | bytearray) else type(value).__name__
-        raise ValueError(f"{name} must be 32 bytes, got {got}")
-    return bytes(value)
-
-
-def _uint(name: str, value: int, maximum: int = UINT256_MAX) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
-    if not 0 <= value <= maximum:
-        raise ValueError(f"{name} must be between 0 and {maximum}, got {value}")
-    return value
 
 
 def _address(name: str, value: str) -> str:
@@ -73,12 +65,6 @@ def _address(name: str, value: str) -> str:
     except (ValueError, TypeError):
         raise ValueError(f"{name} is not a 20-byte hex address: {value!r}") from None
 
-
-def _signature(name: str, value: bytes) -> bytes:
-    if not isinstance(value, bytes | bytearray) or len(value) != 65:
-        got = len(value) if isinstance(value, bytes | bytearray) else type(value).__name__
-        raise ValueError(f"{name} must be a 65-byte signature, got {got}")
-    return bytes(value)
 
 
 class Web3Chain:
@@ -234,7 +220,8 @@ class Web3Chain:
             return int(self._w3.eth.get_balance(checked))
 
     async def transfer(self, to: str, amount: int) -> str:
-        return await self._tx("RavenToken", "transfer", _address("to", to), _uint("amount", amount))
+        return await self._tx("RavenToken", "transfer", _address("to", to),
+                              uint_arg("amount", amount))
 
     async def token_transfers(self, tx_hash: str) -> list[TokenTransfer]:
         """The RAVEN transfers a mined, successful transaction made (its token `Transfer` events).
@@ -269,7 +256,7 @@ class Web3Chain:
 
     async def mint(self, to: str, amount: int) -> str:
         """Create `amount` RAVEN for `to`; only the token's owner (the deployer) may."""
-        return await self._tx("RavenToken", "mint", _address("to", to), _uint("amount", amount))
+        return await self._tx("RavenToken", "mint", _address("to", to), uint_arg("amount", amount))
 
     # ------------------------------------------------------- stake registry
 
@@ -278,12 +265,12 @@ class Web3Chain:
 
     async def stake(self, amount: int) -> str:
         """Stake `amount` of this account's tokens in one transaction (EIP-2612 permit)."""
-        _uint("amount", amount)
+        uint_arg("amount", amount)
         deadline, v, r, s = self._sign_permit(self._deployment.registry, amount)
         return await self._tx("StakeRegistry", "stakeWithPermit", amount, deadline, v, r, s)
 
     async def request_unbond(self, amount: int) -> str:
-        return await self._tx("StakeRegistry", "requestUnbond", _uint("amount", amount))
+        return await self._tx("StakeRegistry", "requestUnbond", uint_arg("amount", amount))
 
     async def withdraw(self) -> str:
         return await self._tx("StakeRegistry", "withdraw")
@@ -330,7 +317,7 @@ class Web3Chain:
         return await self._tx("StakeRegistry", "elect")
 
     async def is_elected(self, epoch: int) -> bool:
-        return bool(self._view("StakeRegistry", "isElected", _uint("epoch", epoch)))
+        return bool(self._view("StakeRegistry", "isElected", uint_arg("epoch", epoch)))
 
     async def election_table(self, epoch: int) -> ElectionTable:
         """The public data of `epoch`'s election, read back from the chain (see `ElectionTable`).
@@ -339,7 +326,7 @@ class Web3Chain:
         updated with the registry's own events mined earlier in the election's
         block: exactly the state the election transaction read.
         """
-        _uint("epoch", epoch)
+        uint_arg("epoch", epoch)
         elected = self._contracts["StakeRegistry"].events.CommitteeElected
         with chain_errors(self._w3, "StakeRegistry", "CommitteeElected logs"):
             events = elected.get_logs(argument_filters={"epoch": epoch}, from_block=0)
@@ -417,11 +404,11 @@ class Web3Chain:
         return candidates, stakes
 
     async def committee(self, epoch: int) -> list[str]:
-        members = self._view("StakeRegistry", "committee", _uint("epoch", epoch))
+        members = self._view("StakeRegistry", "committee", uint_arg("epoch", epoch))
         return [str(to_checksum_address(a)) for a in members]
 
     async def epoch_seed(self, epoch: int) -> bytes:
-        return bytes(self._view("StakeRegistry", "epochSeed", _uint("epoch", epoch)))
+        return bytes(self._view("StakeRegistry", "epochSeed", uint_arg("epoch", epoch)))
 
     async def slash_equivocation(
         self,
@@ -437,12 +424,12 @@ class Web3Chain:
             "StakeRegistry",
             "slashEquivocation",
             _address("worker", worker),
-            _bytes32("job_id", job_id),
-            _uint("calculation", calculation, UINT64_MAX),
-            _bytes32("digest_a", digest_a),
-            _signature("signature_a", signature_a),
-            _bytes32("digest_b", digest_b),
-            _signature("signature_b", signature_b),
+            bytes32_arg("job_id", job_id),
+            uint_arg("calculation", calculation, UINT64_MAX),
+            bytes32_arg("digest_a", digest_a),
+            signature_arg("signature_a", signature_a),
+            bytes32_arg("digest_b", digest_b),
+            signature_arg("signature_b", signature_b),
         )
 
     async def slash_by_committee(
@@ -450,37 +437,21 @@ class Web3Chain:
     ) -> str:
         order = (
             _address("offender", offender),
-            _uint("amount", amount),
-            _bytes32("evidence", evidence),
-            _uint("epoch", epoch),
+            uint_arg("amount", amount),
+            bytes32_arg("evidence", evidence),
+            uint_arg("epoch", epoch),
         )
-        sigs = [_signature(f"signatures[{i}]", s) for i, s in enumerate(signatures)]
+        sigs = [signature_arg(f"signatures[{i}]", s) for i, s in enumerate(signatures)]
         return await self._tx("StakeRegistry", "slashByCommittee", order, sigs)
 
     def sign_result(self, job_id: bytes, calculation: int, digest: bytes) -> bytes:
-        """This account's EIP-712 `Result` signature (65 bytes, v 27/28) in the registry's domain.
-
-        Two of these over different digests for one calculation are the
-        evidence `slash_equivocation` takes.
-        """
-        message = result_digest(
-            self._domain(),
-            _bytes32("job_id", job_id),
-            _uint("calculation", calculation, UINT64_MAX),
-            _bytes32("digest", digest),
-        )
-        return to_eth_signature(self._identity.sign_digest(message))
+        """This account's EIP-712 `Result` signature (see `arguments.sign_result`)."""
+        return sign_result(self._identity, self._domain(), job_id, calculation, digest)
 
     def sign_slash_order(self, offender: str, amount: int, evidence: bytes, epoch: int) -> bytes:
-        """This account's EIP-712 `SlashOrder` signature (65 bytes, v 27/28) as committee member."""
-        message = slash_order_digest(
-            self._domain(),
-            _address("offender", offender),
-            _uint("amount", amount),
-            _bytes32("evidence", evidence),
-            _uint("epoch", epoch),
-        )
-        return to_eth_signature(self._identity.sign_digest(message))
+        """This account's EIP-712 `SlashOrder` signature as committee member."""
+        return sign_slash_order(self._identity, self._domain(), _address("offender", offender),
+                                amount, evidence, epoch)
 
     # ----------------------------------------------------------- job escrow
 
@@ -495,18 +466,18 @@ class Web3Chain:
     ) -> str:
         """Open the job with its deposit in one transaction (EIP-2612 permit)."""
         args = (
-            _bytes32("job_id", job_id),
-            _uint("price", price),
-            _uint("redundancy", redundancy, UINT32_MAX),
-            _uint("max_calculations", max_calculations, UINT64_MAX),
-            _uint("deadline", deadline, UINT64_MAX),
-            _uint("deposit", deposit),
+            bytes32_arg("job_id", job_id),
+            uint_arg("price", price),
+            uint_arg("redundancy", redundancy, UINT32_MAX),
+            uint_arg("max_calculations", max_calculations, UINT64_MAX),
+            uint_arg("deadline", deadline, UINT64_MAX),
+            uint_arg("deposit", deposit),
         )
         permit_deadline, v, r, s = self._sign_permit(self._deployment.escrow, deposit)
         return await self._tx("JobEscrow", "createJobWithPermit", *args, permit_deadline, v, r, s)
 
     async def job(self, job_id: bytes) -> JobOnChain:
-        raw = self._view("JobEscrow", "getJob", _bytes32("job_id", job_id))
+        raw = self._view("JobEscrow", "getJob", bytes32_arg("job_id", job_id))
         return _job_from_tuple(job_id, raw)
 
     async def master_timeout(self) -> int:
@@ -516,18 +487,18 @@ class Web3Chain:
         return self._master_timeout
 
     async def master_of(self, job_id: bytes) -> str:
-        master = self._view("JobEscrow", "masterOf", _bytes32("job_id", job_id))
+        master = self._view("JobEscrow", "masterOf", bytes32_arg("job_id", job_id))
         return str(to_checksum_address(master))
 
     async def ranked_masters(self, job_id: bytes) -> list[str]:
-        masters = self._view("JobEscrow", "rankedMasters", _bytes32("job_id", job_id))
+        masters = self._view("JobEscrow", "rankedMasters", bytes32_arg("job_id", job_id))
         return [str(to_checksum_address(a)) for a in masters]
 
     async def heartbeat(self, job_id: bytes) -> str:
-        return await self._tx("JobEscrow", "heartbeat", _bytes32("job_id", job_id))
+        return await self._tx("JobEscrow", "heartbeat", bytes32_arg("job_id", job_id))
 
     async def take_over(self, job_id: bytes) -> str:
-        return await self._tx("JobEscrow", "takeOver", _bytes32("job_id", job_id))
+        return await self._tx("JobEscrow", "takeOver", bytes32_arg("job_id", job_id))
 
     async def settle(
         self, job_id: bytes, root: bytes, accepted_results: int, partner_total: int
@@ -535,10 +506,10 @@ class Web3Chain:
         receipt = await self._transact(
             "JobEscrow",
             "settle",
-            _bytes32("job_id", job_id),
-            _bytes32("root", root),
-            _uint("accepted_results", accepted_results),
-            _uint("partner_total", partner_total),
+            bytes32_arg("job_id", job_id),
+            bytes32_arg("root", root),
+            uint_arg("accepted_results", accepted_results),
+            uint_arg("partner_total", partner_total),
         )
         events = self._contracts["JobEscrow"].events.JobSettled().process_receipt(
             receipt, errors=DISCARD
@@ -552,7 +523,7 @@ class Web3Chain:
         settled = self._contracts["JobEscrow"].events.JobSettled
         with chain_errors(self._w3, "JobEscrow", "JobSettled logs"):
             events = settled.get_logs(
-                argument_filters={"jobId": _bytes32("job_id", job_id)}, from_block=0
+                argument_filters={"jobId": bytes32_arg("job_id", job_id)}, from_block=0
             )
         if len(events) > 1:
             raise ChainError(f"job 0x{job_id.hex()} has {len(events)} JobSettled events")
@@ -562,16 +533,17 @@ class Web3Chain:
         return await self._tx(
             "JobEscrow",
             "claim",
-            _bytes32("job_id", job_id),
+            bytes32_arg("job_id", job_id),
             _address("account", account),
-            _uint("amount", amount),
-            [_bytes32(f"proof[{i}]", p) for i, p in enumerate(proof)],
+            uint_arg("amount", amount),
+            [bytes32_arg(f"proof[{i}]", p) for i, p in enumerate(proof)],
         )
 
     async def has_claimed(self, job_id: bytes, account: str) -> bool:
         return bool(
             self._view(
-                "JobEscrow", "hasClaimed", _bytes32("job_id", job_id), _address("account", account)
+                "JobEscrow", "hasClaimed", bytes32_arg("job_id", job_id),
+                _address("account", account),
             )
         )
 
@@ -615,7 +587,7 @@ class Web3Chain:
         return Earnings(claimed, len(claims), master_fees, settled)
 
     async def refund(self, job_id: bytes) -> str:
-        return await self._tx("JobEscrow", "refund", _bytes32("job_id", job_id))
+        return await self._tx("JobEscrow", "refund", bytes32_arg("job_id", job_id))
 
     # ----------------------------------------------------------- price feed
 
