@@ -30,6 +30,7 @@ bench: install
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/chain.py
 	$(PY) benchmarks/demo.py
+	$(PY) benchmarks/sim_scale.py
 
 contracts: install
 	node contracts/build.js

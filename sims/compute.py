@@ -21,7 +21,6 @@ import hashlib
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,7 +85,6 @@ class SimCalculator:
         honest_noise: float,
         seed: int,
         withhold: bool = False,
-        on_result: Callable[[], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.speed = speed
@@ -95,7 +93,6 @@ class SimCalculator:
         self.honest_noise = honest_noise
         self.seed = seed
         self.withhold = withhold
-        self.on_result = on_result
         self._rng = random.Random(seed)
 
     def seconds(self, manifest: JobManifest) -> float:
@@ -125,8 +122,6 @@ class SimCalculator:
             result, loss = self._shared(order, computation)
             result = perturb(result, self.honest_noise,
                              _stable_seed(self.seed, order.weights, order.calc))
-        if self.on_result is not None:
-            self.on_result()
         return result, loss, seconds
 
     def _shared(self, order: CalculationOrder, computation: Computation) -> tuple[Tensors, float]:

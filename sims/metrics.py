@@ -107,13 +107,6 @@ class Recorder:
         self.events.append({"t": round(trio.current_time(), 3), "kind": kind, "peer": peer,
                             "job": job, "detail": detail})
 
-    async def run(self) -> None:
-        """Sample until cancelled."""
-        every = self.world.scenario.sample_every_s
-        while True:
-            self.sample()
-            await trio.sleep(every)
-
     # --- sampling ---------------------------------------------------------------------
     def _accepted_counts(self) -> tuple[int, int]:
         byzantine = {p.peer_id for p in self.world.workers if p.byzantine}

@@ -167,6 +167,7 @@ class World:
                     chain=chain, rng=random.Random(self.rng.getrandbits(64)))
 
     async def add_master(self) -> SimPeer:
+        """A master candidate: staked, standing for the committee, running `Master`."""
         identity = self._identity()
         node = self._node(identity, "master", 0)
         stake = self._stake(self.scenario.stake.master)
@@ -185,6 +186,7 @@ class World:
         return peer
 
     async def add_requester(self) -> SimPeer:
+        """A requester with tokens for twice the budget of the jobs it may submit."""
         identity = self._identity()
         node = self._node(identity, "requester", 0)
         budget = sum(entry.spec.budget * entry.count for entry in self.scenario.jobs)
@@ -195,6 +197,7 @@ class World:
         return peer
 
     async def add_worker(self, byzantine: bool) -> SimPeer:
+        """A consenting worker with a drawn device, share and stake; a liar if `byzantine`."""
         compute = self.scenario.compute
         identity = self._identity()
         share = max(1, min(100, round(compute.share.sample(self.rng))))
@@ -249,9 +252,7 @@ class World:
         self._nursery.start_soon(self._connect, peer)
 
     async def _run_peer(self, peer: SimPeer, *, task_status: trio.TaskStatus[None]) -> None:
-        network = peer.node.network
-        assert isinstance(network, MemoryNetwork)
-        with peer.scope:
+        with peer.scope:  # cancelled: a crash
             await peer.node.run(task_status=task_status)
 
     async def _connect(self, peer: SimPeer) -> None:
@@ -387,10 +388,8 @@ class World:
 
     # --- observations ----------------------------------------------------------------
     def live_workers(self) -> list[SimPeer]:
+        """Workers that have not left."""
         return [p for p in self.workers if p.alive]
-
-    def worker_by_peer(self) -> dict[str, SimPeer]:
-        return {p.peer_id: p for p in self.workers}
 
 
 def gini(values: list[float]) -> float:

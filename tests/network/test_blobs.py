@@ -261,6 +261,18 @@ async def test_fetch_through_dht_and_fetcher_becomes_provider(world: World) -> N
         assert p1.service.stats.fetched_bytes == len(blob)
 
 
+async def test_a_provider_named_by_peer_id_alone_is_found_in_the_dht(world: World) -> None:
+    """The requester is named as a shard's provider; a worker never met it: it looks it up."""
+    blob = os.urandom(100 * KiB)
+    with trio.fail_after(DEADLINE):
+        owner, _, _, fetcher = await world.start(4, [(0, 1), (1, 2), (2, 3)],
+                                                 chunk_size=32 * KiB, announce=False)
+        assert owner.peer_id not in fetcher.network.connected_peers()
+        digest = owner.store.put(blob)
+        assert await fetcher.service.fetch(digest, providers=[owner.peer_id]) == blob
+        assert owner.peer_id in fetcher.network.connected_peers()
+
+
 async def test_five_megabytes_in_256k_chunks_with_trusted_list(world: World) -> None:
     chunk = 256 * KiB
     blob = os.urandom(5 * MiB + 1234)
