@@ -86,11 +86,12 @@ class NodeIdentity:
     def public_key(self) -> coincurve.PublicKey:
         return self.private_key.public_key
 
-    @property
+    @functools.cached_property
     def peer_id(self) -> str:
+        """Derived once: a node names itself in every message it sends."""
         return peer_id_of(self.public_key)
 
-    @property
+    @functools.cached_property
     def address(self) -> str:
         return address_of(self.public_key)
 

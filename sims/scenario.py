@@ -178,6 +178,8 @@ class NetworkSettings:
     topic_sync_interval_s: float = 1.0
     topic_sync_max_interval_s: float | None = None
     """Quiet topics resync less and less often, down to this (None: always the interval)."""
+    topic_sync_fanout: int = 2
+    """Neighbours asked at each resync of a topic."""
     worker_directory: bool = True
     """Whether workers keep a directory of every peer (read the peers topic). Masters and
     requesters always do; big networks turn it off for workers."""
@@ -289,6 +291,7 @@ class Scenario:
         check.count("network.workers", net.workers, 1, 100_000)
         check.count("network.degree", net.degree, 1, 64)
         check.count("network.dht_k", net.dht_k, 1, 64)
+        check.count("network.topic_sync_fanout", net.topic_sync_fanout, 1, 16)
         net.latency_ms.check("network.latency_ms")
         net.bandwidth_mbps.check("network.bandwidth_mbps", minimum=0.001)
         net.loss.check("network.loss")
@@ -539,9 +542,9 @@ def _parse_network(data: object) -> NetworkSettings:
     table = _table("network", data, ("masters", "requesters", "workers", "degree", "latency_ms",
                                      "bandwidth_mbps", "loss", "dht_k", "announce_interval_s",
                                      "topic_sync_interval_s", "topic_sync_max_interval_s",
-                                     "worker_directory"))
+                                     "topic_sync_fanout", "worker_directory"))
     kwargs: dict[str, Any] = {}
-    for key in ("masters", "requesters", "workers", "degree", "dht_k"):
+    for key in ("masters", "requesters", "workers", "degree", "dht_k", "topic_sync_fanout"):
         if key in table:
             kwargs[key] = _integer(f"network.{key}", table[key])
     for key in ("latency_ms", "bandwidth_mbps", "loss"):

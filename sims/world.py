@@ -158,7 +158,8 @@ class World:
             peer_expiry_s=max(90.0, 4.5 * net.announce_interval_s),
             follow_peers=kind != "worker" or net.worker_directory,
             topics=TopicConfig(sync_interval_s=net.topic_sync_interval_s,
-                               max_sync_interval_s=net.topic_sync_max_interval_s),
+                               max_sync_interval_s=net.topic_sync_max_interval_s,
+                               sync_fanout=net.topic_sync_fanout),
         )
         network = MemoryNetwork(self.hub, identity)
         self.hub.set_access_link(identity.peer_id, self._link())
