@@ -586,7 +586,7 @@ def _parse_compute(data: object) -> ComputeSettings:
 def _parse_job(index: int, data: object, base_dir: Path | None) -> JobEntry:
     setting = f"jobs[{index}]"
     table = _table(setting, data, ("spec", "reference_seconds", "submit_at_s", "count",
-                                   "every_s", "redundancy"))
+                                   "every_s", "redundancy", "price", "budget"))
     name = _string(f"{setting}.spec", _required(table, "spec", setting))
     candidates = [Path(name)] if Path(name).is_absolute() else [
         *([base_dir / name] if base_dir is not None else []), JOBS_DIR / name,
@@ -597,9 +597,16 @@ def _parse_job(index: int, data: object, base_dir: Path | None) -> JobEntry:
                             f"{', '.join(str(p.parent) for p in candidates)})")
     try:
         spec = load_job_spec(path)
+        data = spec.to_dict()
         if "redundancy" in table:
-            redundancy = _integer(f"{setting}.redundancy", table["redundancy"])
-            spec = JobSpec.from_dict({**spec.to_dict(), "redundancy": redundancy})
+            data["redundancy"] = _integer(f"{setting}.redundancy", table["redundancy"])
+        payment = dict(data["payment"])
+        if "price" in table:  # RAVEN per accepted calculation per worker, as in a spec
+            payment["price_per_calculation"] = table["price"]
+        if "budget" in table:
+            payment["budget"] = table["budget"]
+        data["payment"] = payment
+        spec = JobSpec.from_dict(data)
     except JobSpecError as exc:
         raise ScenarioError(f"{setting}.spec.{exc.field}", exc.reason) from None
     return JobEntry(

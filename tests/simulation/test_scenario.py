@@ -83,6 +83,12 @@ def test_job_overrides_and_sweep_helpers(tmp_path: Path) -> None:
     scenario = sims.load_scenario(write(tmp_path, text))
     entry = scenario.jobs[0]
     assert (entry.spec.redundancy, entry.count, entry.every_s) == (3, 3, 60.0)
+    priced = text.replace("count = 3", 'count = 3\nprice = "0.002"\nbudget = "5"')
+    spec = sims.load_scenario(write(tmp_path, priced)).jobs[0].spec
+    assert (spec.price_per_calculation, spec.budget) == (2 * 10**15, 5 * 10**18)
+    too_dear = text.replace("count = 3", 'count = 3\nprice = "0.05"')
+    with pytest.raises(ScenarioError, match=r"jobs\[0\].spec.payment.budget"):
+        sims.load_scenario(write(tmp_path, too_dear))
     swept = dataclasses.replace(scenario, jobs=sims.with_redundancy(scenario.jobs, 6))
     assert swept.jobs[0].spec.redundancy == 6
     assert swept.jobs[0].spec.budget >= swept.jobs[0].spec.max_cost()
