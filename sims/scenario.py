@@ -166,6 +166,9 @@ class NetworkSettings:
     workers: int = 8
     degree: int = 4
     """Random connections each peer opens besides its bootstrap peer."""
+    master_links: int = 0
+    """Masters each worker stays connected to (a master assigns to the workers it is
+    connected to), drawn at random; 0: all of them."""
     latency_ms: Distribution = field(default_factory=lambda: fixed(LOOPBACK_LATENCY_MS))
     """One-way latency of each peer's access link, in milliseconds."""
     bandwidth_mbps: Distribution = field(
@@ -290,6 +293,7 @@ class Scenario:
         check.count("network.requesters", net.requesters, 1, 64)
         check.count("network.workers", net.workers, 1, 100_000)
         check.count("network.degree", net.degree, 1, 64)
+        check.count("network.master_links", net.master_links, 0, 64)
         check.count("network.dht_k", net.dht_k, 1, 64)
         check.count("network.topic_sync_fanout", net.topic_sync_fanout, 1, 16)
         net.latency_ms.check("network.latency_ms")
@@ -539,12 +543,14 @@ def _list(setting: str, value: object) -> list[object]:
 
 
 def _parse_network(data: object) -> NetworkSettings:
-    table = _table("network", data, ("masters", "requesters", "workers", "degree", "latency_ms",
+    table = _table("network", data, ("masters", "requesters", "workers", "degree",
+                                     "master_links", "latency_ms",
                                      "bandwidth_mbps", "loss", "dht_k", "announce_interval_s",
                                      "topic_sync_interval_s", "topic_sync_max_interval_s",
                                      "topic_sync_fanout", "worker_directory"))
     kwargs: dict[str, Any] = {}
-    for key in ("masters", "requesters", "workers", "degree", "dht_k", "topic_sync_fanout"):
+    for key in ("masters", "requesters", "workers", "degree", "master_links", "dht_k",
+                "topic_sync_fanout"):
         if key in table:
             kwargs[key] = _integer(f"network.{key}", table[key])
     for key in ("latency_ms", "bandwidth_mbps", "loss"):

@@ -257,9 +257,9 @@ class World:
             await peer.node.run(task_status=task_status)
 
     async def _connect(self, peer: SimPeer) -> None:
-        """Dial a few random live peers; a worker also dials every master (they assign to
-        the workers they are connected to). The node itself joins through its bootstrap
-        master and announces itself there.
+        """Dial a few random live peers; a worker also dials every master, or
+        `master_links` of them (they assign to the workers they are connected to). The
+        node itself joins through its bootstrap master and announces itself there.
 
         Masters and requesters link up with `degree` others of their kind, not all:
         they relay the peers topic, and a clique would carry every announcement over
@@ -268,6 +268,9 @@ class World:
         degree = self.scenario.network.degree
         if peer.kind == "worker":
             targets = [m for m in self.masters if m.alive]
+            links = self.scenario.network.master_links
+            if links and len(targets) > links:
+                targets = self.rng.sample(targets, links)
             pool = self.workers
         else:
             targets = []

@@ -639,7 +639,9 @@ class Master:
                 await self.node.topics.publish(run.topic, run.last_record)
             log.info("Job %s resumed at round %d by this master (rank %d)", short(run.job_id),
                      run.round, run.takeover.rank)
-        run.sample = sample_fraction(self._seats(run), len(self._known_workers(run)))
+        connected = set(self.node.network.connected_peers())
+        reachable = sum(1 for worker in self._known_workers(run) if worker in connected)
+        run.sample = sample_fraction(self._seats(run), reachable)
         await self._announce(run)
         return await self._train(run)
 
