@@ -17,7 +17,13 @@ import pytest
 
 import sims
 from ravenp2p.training.spec import parse_job_spec
-from sims.scenario import ByzantineSettings, ComputeSettings, MasterCrash, NetworkSettings
+from sims.scenario import (
+    ByzantineSettings,
+    ChurnSettings,
+    ComputeSettings,
+    MasterCrash,
+    NetworkSettings,
+)
 
 TINY_JOB = parse_job_spec("""
 name = "tiny"
@@ -69,8 +75,10 @@ def test_a_job_trains_settles_and_pays_in_virtual_time() -> None:
 
 
 def test_the_same_seed_gives_the_same_summary_byte_for_byte() -> None:
-    scenario = tiny(workers=5, byzantine=ByzantineSettings(fraction=0.2, strategy="mixed"))
+    scenario = tiny(workers=5, byzantine=ByzantineSettings(fraction=0.2, strategy="mixed"),
+                    churn=ChurnSettings(leave_per_hour=20.0, join_per_hour=20.0, start_s=5.0))
     first, second = sims.run(scenario), sims.run(scenario)
+    assert first.summary["churn"]["joined"] >= 1
     assert first.summary_bytes() == second.summary_bytes()
     assert first.series == [dict(row, wall_s=b["wall_s"]) for row, b in
                             zip(second.series, first.series, strict=True)]
@@ -97,6 +105,18 @@ def test_a_crashed_master_is_replaced_by_the_next_in_rank() -> None:
     # Silent for the escrow's master timeout (10 s), then the next master takes over.
     assert 5.0 <= crash["failover_s"] <= 25.0
     assert summary["jobs"][0]["failovers"] == 1 and summary["jobs_done"] == 1
+
+
+def test_workers_come_and_go_and_the_job_still_finishes() -> None:
+    scenario = tiny(workers=6, churn=ChurnSettings(leave_per_hour=30.0, join_per_hour=30.0,
+                                                  crash_fraction=0.5, start_s=2.0))
+    result = sims.run(scenario)
+    summary = result.summary
+    left = summary["churn"]["left"]
+    assert left["crash"] + left["graceful"] >= 2 and summary["churn"]["joined"] >= 2
+    assert summary["peers_total"] == summary["peers"] + summary["churn"]["joined"]
+    assert any(row["left_at"] is not None for row in result.workers)
+    assert summary["jobs_done"] == 1 and summary["accepted_bad_results"] == 0
 
 
 def test_the_sim_command_writes_metrics_and_plots(tmp_path: Path) -> None:
