@@ -18,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import sims
+from ravenp2p.training.spec import load_job_spec
+from sims.scenario import JOBS_DIR
 
 FRACTIONS = (0.0, 0.2, 0.4, 0.6)
 REDUNDANCY = (1, 2, 3, 5)
@@ -25,16 +27,18 @@ OUT = Path(__file__).resolve().parents[1] / "images" / "sweep-byzantine.png"
 
 
 def scenario(fraction: float, redundancy: int) -> sims.Scenario:
-    """byzantine-30, shrunk: 15 workers, modeled compute, 12 rounds, colluding liars."""
+    """byzantine-30, shrunk: 15 workers lending 10, 25 or 50%, modeled compute, 12 rounds
+    of digits-sim, colluding liars."""
     base = sims.load_scenario("byzantine-30")
-    job = base.jobs[0]
-    spec = dataclasses.replace(job.spec, stop=dataclasses.replace(
-        job.spec.stop, max_rounds=12, target_accuracy=None))
-    jobs = sims.with_redundancy((dataclasses.replace(job, spec=spec),), redundancy)
+    spec = load_job_spec(JOBS_DIR / "digits-sim.toml")
+    spec = dataclasses.replace(spec, stop=dataclasses.replace(
+        spec.stop, max_rounds=12, target_accuracy=None))
+    jobs = sims.with_redundancy((dataclasses.replace(base.jobs[0], spec=spec),), redundancy)
     return dataclasses.replace(
         base, name=f"sweep-f{fraction}-r{redundancy}", jobs=jobs, duration_s=900,
         network=dataclasses.replace(base.network, workers=15),
-        compute=dataclasses.replace(base.compute, mode="modeled"),
+        compute=dataclasses.replace(base.compute, mode="modeled", share=sims.Distribution(
+            kind="choice", values=(10.0, 25.0, 50.0))),
         byzantine=sims.ByzantineSettings(fraction=fraction, strategy="colluding"),
     )
 
