@@ -168,3 +168,22 @@ def test_config_errors_name_the_setting(tmp_path):
     with pytest.raises(ConfigError, match="device"):
         NodeConfig(data_dir=tmp_path, device="tpu")
     assert WireLimits().max_envelope_bytes == 4 * 1024 * 1024
+
+
+async def test_a_node_that_follows_no_directory_still_announces_itself(tmp_path):
+    """A compute-only node in a big network skips the peers topic; masters still learn of it."""
+    async with trio.open_nursery() as nursery:
+        (follower,) = await start_nodes(nursery, tmp_path, 1)
+        identity = create_identity(tmp_path / "quiet")
+        cfg = NodeConfig(data_dir=tmp_path / "quiet", control=False, share=5, consent=True,
+                         follow_peers=False, bootstrap=tuple(follower.network.listen_addrs[:1]))
+        quiet = Node(Libp2pNetwork(identity), identity, cfg)
+        await nursery.start(quiet.run)
+        with trio.fail_after(15):
+            await follower.wait_for_peers(1)
+        assert follower.directory[quiet.peer_id].capability.share == 5
+        await trio.sleep(1.0)
+        assert quiet.directory == {}  # it reads no announcements
+        assert quiet.topics.stats(PEERS_TOPIC).delivered == 1  # only its own
+        quiet.stop()
+        follower.stop()

@@ -243,3 +243,29 @@ def test_an_invalid_body_uses_no_replay_entry():
     receiver = codec()
     refused(forge(body={"text": "x", "count": 99}), "body.count", "must be <=", receiver=receiver)
     assert len(receiver.replay_cache) == 0
+
+
+def test_bytes_verified_once_are_still_checked_per_receiver():
+    """Nodes in one process share the verification of identical bytes (signature, schema),
+    never the checks that depend on the receiver: context, transport peer, age, replay."""
+    from ravenp2p.wire.envelope import _VERIFIED
+
+    raw = codec(ALICE).seal(capability(), context="/t")
+    first = codec().open(raw, context="/t")
+    assert _VERIFIED.get(raw) is first  # the second receiver takes the cached verification
+    second_receiver = codec()
+    assert second_receiver.open(raw, context="/t", from_peer=ALICE.peer_id).message == (
+        first.message)
+    with pytest.raises(WireError, match="replayed"):
+        second_receiver.open(raw, context="/t")
+    with pytest.raises(WireError, match="context"):
+        codec().open(raw, context="/other")
+    with pytest.raises(WireError, match="sender"):
+        codec().open(raw, context="/t", from_peer=BOB.peer_id)
+    with pytest.raises(WireError, match="timestamp"):
+        codec(now=NOW + 10_000).open(raw, context="/t")
+    # A forged copy differs in its bytes, so it is verified afresh and refused.
+    forged = bytearray(raw)
+    forged[-1] ^= 1
+    with pytest.raises(WireError):
+        codec().open(bytes(forged), context="/t")
