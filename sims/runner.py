@@ -86,7 +86,7 @@ async def _simulate(
         await world.populate(nursery)
         nursery.start_soon(world.churn)
         nursery.start_soon(world.crash_masters)
-        nursery.start_soon(world.submit_jobs, lambda handle: None)
+        nursery.start_soon(world.submit_jobs)
         nursery.start_soon(_report, recorder, progress)
         await _until_done(world, scenario)
         result = await recorder.finish()

@@ -306,7 +306,7 @@ class World:
         assert owner is not None
         await owner.elect()
 
-    async def submit_jobs(self, job_started: Callable[[JobHandle], None]) -> None:
+    async def submit_jobs(self) -> None:
         """Submit every job of the scenario at its time, round-robin over the requesters."""
         schedule = []
         for entry in self.scenario.jobs:
@@ -317,12 +317,9 @@ class World:
         for at, number, entry in schedule:
             await trio.sleep_until(max(at, trio.current_time()))
             requester = self.requesters[number % len(self.requesters)]
-            self._nursery.start_soon(self._submit, requester, entry, number, job_started)
+            self._nursery.start_soon(self._submit, requester, entry, number)
 
-    async def _submit(
-        self, peer: SimPeer, entry: JobEntry, number: int,
-        job_started: Callable[[JobHandle], None],
-    ) -> None:
+    async def _submit(self, peer: SimPeer, entry: JobEntry, number: int) -> None:
         assert isinstance(peer.role, Requester)
         spec = entry.spec
         try:
@@ -333,7 +330,6 @@ class World:
             return
         self.ledger.reference_seconds[handle.job_id] = entry.reference_seconds
         self.jobs.append(handle)
-        job_started(handle)
 
     async def churn(self) -> None:
         """Workers leave and join as Poisson processes (rates per worker per hour)."""
