@@ -395,8 +395,8 @@ class ReliableTopics:
         more = False
         if state is not None:
             have = set(message.have)
-            if not have.issubset(state.held.keys()):
-                self._pull_back(state, peer)
+            if state.subscribers and not have.issubset(state.held.keys()):
+                self._pull_back(state, peer)  # only for topics this node reads
             budget = self.config.max_sync_response_bytes
             now = self.clock.now()
             for mid, (expiry, held) in state.held.items():
