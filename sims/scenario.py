@@ -186,6 +186,10 @@ class NetworkSettings:
     worker_directory: bool = True
     """Whether workers keep a directory of every peer (read the peers topic). Masters and
     requesters always do; big networks turn it off for workers."""
+    hop_resolution_ms: float = 1.0
+    """Gossip hops arrive at the next multiple of this many milliseconds (0: exactly when
+    due). Hops due within one step are delivered together, which is far cheaper to
+    simulate than one wake-up each; keep it well below the links' latency."""
 
 
 @dataclass(frozen=True)
@@ -301,6 +305,7 @@ class Scenario:
         net.loss.check("network.loss")
         if net.loss.kind != "lognormal" and _largest(net.loss) > 1:
             raise ScenarioError("network.loss", "a probability cannot exceed 1")
+        check.fraction("network.hop_resolution_ms", net.hop_resolution_ms, maximum=1000.0)
         check.positive("network.announce_interval_s", net.announce_interval_s)
         check.positive("network.topic_sync_interval_s", net.topic_sync_interval_s)
         if net.topic_sync_max_interval_s is not None and not (
@@ -547,7 +552,8 @@ def _parse_network(data: object) -> NetworkSettings:
                                      "master_links", "latency_ms",
                                      "bandwidth_mbps", "loss", "dht_k", "announce_interval_s",
                                      "topic_sync_interval_s", "topic_sync_max_interval_s",
-                                     "topic_sync_fanout", "worker_directory"))
+                                     "topic_sync_fanout", "worker_directory",
+                                     "hop_resolution_ms"))
     kwargs: dict[str, Any] = {}
     for key in ("masters", "requesters", "workers", "degree", "master_links", "dht_k",
                 "topic_sync_fanout"):
@@ -556,7 +562,8 @@ def _parse_network(data: object) -> NetworkSettings:
     for key in ("latency_ms", "bandwidth_mbps", "loss"):
         if key in table:
             kwargs[key] = Distribution.parse(f"network.{key}", table[key])
-    for key in ("announce_interval_s", "topic_sync_interval_s", "topic_sync_max_interval_s"):
+    for key in ("announce_interval_s", "topic_sync_interval_s", "topic_sync_max_interval_s",
+                "hop_resolution_ms"):
         if key in table:
             kwargs[key] = _number(f"network.{key}", table[key])
     if "worker_directory" in table:

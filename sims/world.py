@@ -102,7 +102,8 @@ class World:
         self.scenario = scenario
         self.data_dir = data_dir
         self.rng = random.Random(scenario.seed)
-        self.hub = MemoryHub(seed=self.rng.getrandbits(32), dht_k=scenario.network.dht_k)
+        self.hub = MemoryHub(seed=self.rng.getrandbits(32), dht_k=scenario.network.dht_k,
+                             hop_resolution_s=scenario.network.hop_resolution_ms / 1000)
         self.clock = TrioClock(START_EPOCH)
         """Unix time following trio's (virtual) clock; the world is built at virtual time 0."""
         treasury = NodeIdentity.from_secret(hashlib.sha256(b"ravenp2p sim treasury").digest())

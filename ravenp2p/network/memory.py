@@ -199,9 +199,12 @@ class MemoryHub:
         default_link: LinkModel | None = None,
         seed: int = 0,
         dht_k: int = DEFAULT_DHT_K,
+        hop_resolution_s: float = 0.0,
     ) -> None:
         if dht_k < 1:
             raise ValueError(f"dht_k must be >= 1, got {dht_k}")
+        if not (hop_resolution_s >= 0.0 and math.isfinite(hop_resolution_s)):
+            raise ValueError(f"hop_resolution_s must be finite and >= 0, got {hop_resolution_s}")
         self.default_link = default_link if default_link is not None else LinkModel()
         self.seed = seed
         self.rng = random.Random(seed)  # also for simulations: topology, churn, ...
@@ -221,6 +224,13 @@ class MemoryHub:
         # DHT members (running, with at least one connection), by sha256(peer id), sorted.
         self._dht_keys: list[int] = []
         self._dht_nodes: dict[int, MemoryNetwork] = {}
+        self.hop_resolution_s = hop_resolution_s
+        """Pubsub hops arrive at a multiple of this (0: when due). A coarser grid lets one
+        wake-up deliver many hops, which is what lets large simulations run fast."""
+        self._hops: list[tuple[float, int, int, int, _Message, MemoryNetwork, MemoryNetwork]] = []
+        self._hops_changed = trio.Event()
+        self._pump_host: MemoryNetwork | None = None
+        """The running node whose nursery runs the hub's `_pump` (handed on when it leaves)."""
 
     # --- topology ------------------------------------------------------------
     def set_link(
@@ -316,6 +326,8 @@ class MemoryHub:
             raise RuntimeError(f"a node with peer id {node.peer_id} is already running")
         self._nodes[node.peer_id] = node
         self._by_index[node._index] = node
+        if self._pump_host is None:
+            self._host_pump(node)
 
     def _unregister(self, node: MemoryNetwork) -> None:
         if self._nodes.get(node.peer_id) is node:
@@ -323,6 +335,49 @@ class MemoryHub:
         if self._by_index.get(node._index) is node:
             del self._by_index[node._index]
         self._dht_leave(node)
+        if self._pump_host is node:
+            self._host_pump(next(iter(self._nodes.values()), None))
+
+    def _host_pump(self, node: MemoryNetwork | None) -> None:
+        """Run the pump in `node`'s nursery (none while no node runs)."""
+        self._pump_host = node
+        if node is None:
+            self._hops.clear()
+        else:
+            node._spawn(self._pump, node)
+
+    def _enqueue_hop(
+        self, arrival: float, msg: _Message, sender: MemoryNetwork, receiver: MemoryNetwork
+    ) -> None:
+        """Queue a pubsub hop for `_pump` to deliver at `arrival` (rounded up to the grid).
+
+        The queue is ordered by (arrival, hub-wide message number, sender,
+        receiver), none of which depends on trio's scheduling order, so lossy
+        runs are reproducible.
+        """
+        step = self.hop_resolution_s
+        if step:
+            arrival = math.ceil(arrival / step) * step
+        item = (arrival, msg.number, sender._index, receiver._index, msg, sender, receiver)
+        heapq.heappush(self._hops, item)
+        if self._hops[0] is item:
+            self._hops_changed.set()
+
+    async def _pump(self, host: MemoryNetwork) -> None:
+        """Deliver queued pubsub hops when due: one task for the whole hub, not one per hop.
+
+        Runs in `host`'s nursery; when `host` leaves, the hub starts it in
+        another running node's, and this one ends.
+        """
+        hops = self._hops
+        while self._pump_host is host:
+            now = trio.current_time()
+            while hops and hops[0][0] <= now:
+                _, _, _, _, msg, sender, receiver = heapq.heappop(hops)
+                receiver._receive_hop(msg, sender.peer_id)
+            self._hops_changed = trio.Event()
+            with trio.move_on_at(hops[0][0] if hops else math.inf):
+                await self._hops_changed.wait()
 
     def _dht_join(self, node: MemoryNetwork) -> None:
         if node._dist not in self._dht_nodes:
@@ -721,8 +776,6 @@ class MemoryNetwork:
         self._streams: weakref.WeakKeyDictionary[_StreamPair, None] = weakref.WeakKeyDictionary()
         self._pending: dict[_PendingRequest, None] = {}
         self._busy_until: dict[str, float] = {}
-        self._inbox: list[tuple[float, int, int, _Message, str]] = []
-        self._inbox_wakeup = trio.Event()
         self._stop_requested: trio.Event | None = None
         self._stopped = trio.Event()
 
@@ -747,9 +800,8 @@ class MemoryNetwork:
         manager = trio.open_nursery()
         self._nursery = await manager.__aenter__()
         self._nursery_manager = manager
-        self._hub._register(self)
         self._running = True
-        self._nursery.start_soon(self._pump)
+        self._hub._register(self)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -798,7 +850,6 @@ class MemoryNetwork:
         self._providers.clear()
         self._seen_bits = 0
         self._busy_until.clear()
-        self._inbox.clear()
 
     def _require_running(self) -> None:
         if not self._running:
@@ -1010,30 +1061,7 @@ class MemoryNetwork:
             size = len(msg.data)
             stats.topic_bytes[msg.topic] = stats.topic_bytes.get(msg.topic, 0) + size
             arrival = trio.current_time() + hub._transmit_delay(self, peer, size, "pubsub")
-            node._enqueue_hop(arrival, msg, self)
-
-    def _enqueue_hop(self, arrival: float, msg: _Message, sender: MemoryNetwork) -> None:
-        """Queue a pubsub hop for `_pump` to process at `arrival`.
-
-        The queue is ordered by (arrival, hub-wide message number, sender), none of
-        which depends on trio's scheduling order, so lossy runs are reproducible.
-        """
-        item = (arrival, msg.number, sender._index, msg, sender.peer_id)
-        heapq.heappush(self._inbox, item)
-        if self._inbox[0] is item:
-            self._inbox_wakeup.set()
-
-    async def _pump(self) -> None:
-        """Deliver queued pubsub hops when due: one task per node, not one per hop."""
-        inbox = self._inbox
-        while True:
-            now = trio.current_time()
-            while inbox and inbox[0][0] <= now:
-                _, _, _, msg, via = heapq.heappop(inbox)
-                self._receive_hop(msg, via)
-            self._inbox_wakeup = trio.Event()
-            with trio.move_on_at(inbox[0][0] if inbox else math.inf):
-                await self._inbox_wakeup.wait()
+            hub._enqueue_hop(arrival, msg, self, node)
 
     def _receive_hop(self, msg: _Message, via: str) -> None:
         if not self._running or via not in self._conns:

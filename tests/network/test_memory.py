@@ -94,6 +94,63 @@ async def test_latency_in_virtual_time(autojump_clock: trio.testing.MockClock) -
         assert (got_b.via, got_c.via, got_c.source) == (a.peer_id, b.peer_id, a.peer_id)
 
 
+async def test_hops_arrive_on_the_resolution_grid(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = MemoryHub(default_link=LinkModel(latency=0.0123), hop_resolution_s=0.01)
+    async with started(hub, 3) as (a, b, c):
+        await connect(a, b)
+        await connect(b, c)
+        subs = [await n.subscribe(TOPIC) for n in (b, c)]
+        await trio.sleep(0.003)  # off the grid: hops still land on it
+        t0 = trio.current_time()
+        await a.publish(TOPIC, b"hop")
+        with trio.fail_after(5):
+            await subs[0].__anext__()
+            assert trio.current_time() == pytest.approx(math.ceil((t0 + 0.0123) / 0.01) * 0.01)
+            t1 = trio.current_time()
+            await subs[1].__anext__()
+            assert trio.current_time() == pytest.approx(math.ceil((t1 + 0.0123) / 0.01) * 0.01)
+
+
+@pytest.mark.parametrize("bad", [-0.001, math.inf, math.nan])
+def test_hop_resolution_must_be_finite_and_not_negative(bad: float) -> None:
+    with pytest.raises(ValueError, match="hop_resolution_s"):
+        MemoryHub(hop_resolution_s=bad)
+
+
+async def test_gossip_outlives_the_nodes_running_its_pump(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Hops are delivered by one task in a node's nursery; when that node leaves, the task
+    moves to another node, and hops in flight still arrive."""
+    hub = MemoryHub(default_link=LinkModel(latency=0.05))
+    async with trio.open_nursery() as nursery:
+        nets = [MemoryNetwork(hub, identity(i, "handover")) for i in range(4)]
+        for net in nets:
+            await nursery.start(net.serve)
+        first, a, b, c = nets
+        await connect(a, b)
+        await connect(b, c)
+        sub_b, sub_c = [await n.subscribe(TOPIC) for n in (b, c)]
+        t0 = trio.current_time()
+        await a.publish(TOPIC, b"in flight")
+        await trio.sleep(0.01)
+        await first.stop()  # the pump's first host leaves with the message in flight
+        with trio.fail_after(5):
+            assert (await sub_b.__anext__()).data == b"in flight"
+            assert trio.current_time() - t0 == pytest.approx(0.05)
+            assert (await sub_c.__anext__()).data == b"in flight"
+        await b.publish(TOPIC, b"again")
+        await trio.sleep(0.01)
+        await a.stop()  # the next host leaves too
+        with trio.fail_after(5):
+            got = await sub_c.__anext__()
+        assert (got.data, got.via) == (b"again", b.peer_id)
+        for net in (b, c):
+            await net.stop()
+
+
 async def test_directed_link(autojump_clock: trio.testing.MockClock) -> None:
     hub = MemoryHub()
     async with started(hub, 2) as (a, b):

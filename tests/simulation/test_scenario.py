@@ -43,6 +43,8 @@ MINIMAL = 'name = "x"\n[[jobs]]\nspec = "digits-sim"\n'
     ("[network]\nlatency_ms = { kind = \"uniform\", low = 5, high = 1 }\n",
      "network.latency_ms.high"),
     ("[network]\nloss = 1.5\n", "network.loss"),
+    ("[network]\nhop_resolution_ms = -1\n", "network.hop_resolution_ms"),
+    ("[network]\nhop_resolution_ms = \"fine\"\n", "network.hop_resolution_ms"),
     ("[network]\nlatency_ms = { kind = \"gauss\" }\n", "network.latency_ms.kind"),
     ("[network]\nworkerz = 3\n", "network.workerz"),
     ("[compute]\nmode = \"quantum\"\n", "compute.mode"),
@@ -93,6 +95,9 @@ def test_job_overrides_and_sweep_helpers(tmp_path: Path) -> None:
     assert swept.jobs[0].spec.redundancy == 6
     assert swept.jobs[0].spec.budget >= swept.jobs[0].spec.max_cost()
     assert scenario.with_seed(9).seed == 9
+    assert scenario.network.hop_resolution_ms == 1.0
+    exact = text.replace("workers = 6\n", "workers = 6\nhop_resolution_ms = 0\n")
+    assert sims.load_scenario(write(tmp_path, exact)).network.hop_resolution_ms == 0.0
 
 
 distributions = st.one_of(
