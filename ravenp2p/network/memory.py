@@ -718,8 +718,9 @@ class MemorySubscription(QueuedSubscription):
 class MemoryNetwork:
     """One node in a `MemoryHub` (implements `Network`).
 
-    Start it with `async with net:` (it owns a nursery for its handlers and
-    in-flight hops). Leaving disconnects every peer, fails its in-flight
+    Start it with `async with net:` (it owns a nursery for its handlers; the
+    first node to start also runs the hub's delivery of gossip hops, which
+    moves to another node when it leaves). Leaving disconnects every peer, fails its in-flight
     requests and streams with `NetworkError`, and removes it (and the DHT
     records it held) from the hub.
 
