@@ -48,8 +48,8 @@ from ravenp2p.node.control import (
     control_request,
     socket_path,
 )
+from ravenp2p.node.datadir import DEFAULT_DATA_DIR
 
-DEFAULT_DATA_DIR = Path.home() / ".ravenp2p"
 NODE_START_TIMEOUT_S = 60.0
 NODE_STOP_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.5

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ravenp2p.node.config import ConfigError
+from ravenp2p.node.datadir import DEFAULT_DATA_DIR
 
 ENV_PREFIX = "RAVENP2P_"
 CONFIG_ENV = "RAVENP2P_CONFIG"
-DEFAULT_DATA_DIR = Path.home() / ".ravenp2p"
 _NOT_LAYERED = {"help", "version", "config", "debug"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

@@ -17,6 +17,8 @@ class DataDirBusy(RuntimeError):
     """Another node is already running on this data dir."""
 
 
+DEFAULT_DATA_DIR = Path.home() / ".ravenp2p"
+"""Where the daemon, the CLI and the Python client keep a node's key and data by default."""
 LOCK_FILE_NAME = "node.lock"
 RESULTS_FOLDER = "results"
 """Where a node saves the results of the jobs it submitted (`<job id>/model.safetensors`)."""

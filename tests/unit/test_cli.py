@@ -10,7 +10,7 @@ from cli_run import cli
 from integration.trained import QUICK_SPEC
 
 from ravenp2p.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, build_parser, command_parsers, main
-from ravenp2p.cli.options import DEFAULT_DATA_DIR
+from ravenp2p.node.datadir import DEFAULT_DATA_DIR
 
 COMMANDS = ("node", "keys", "peers", "wallet", "stake", "unstake", "withdraw", "submit",
             "status", "jobs", "fetch", "cancel", "devnet")
